@@ -1,0 +1,89 @@
+"""The ``foreach`` backend: the reference's arithmetic as multi-tensor ``torch._foreach_*`` ops.
+
+Each phase is a handful of foreach calls over a whole bucket (one device, one dtype), so
+the number of kernel launches does not grow with the number of tensors.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from ._backend import Backend, Bucket, Scalar, mark_non_finite
+from .noise import normal_like
+
+
+def _as_opmath(tensors: list[Tensor], like: list[Tensor]) -> list[Tensor]:
+    if tensors and tensors[0].dtype != like[0].dtype:
+        return [t.to(like[0].dtype) for t in tensors]
+    return tensors
+
+
+class ForeachBackend(Backend):
+    name = "foreach"
+
+    def sample(self, b: Bucket, num_data: float, seed: int, offset: int,
+               noise: Optional[Sequence[Tensor]], load_mean: bool) -> None:
+        if load_mean:
+            torch._foreach_copy_(b.means, b.params)
+        dtype = b.means[0].dtype
+        if noise is None:
+            xi = normal_like(b.params, b.bases, seed, offset, dtype=dtype)
+        else:
+            xi = [x.to(dtype, copy=True) for x in noise]   # never modify the caller's draws
+        std = torch._foreach_mul(b.precisions, float(num_data))
+        torch._foreach_sqrt_(std)
+        torch._foreach_div_(xi, std)                      # xi / sqrt(N s)
+        torch._foreach_add_(xi, b.means)                  # w + xi / sqrt(N s)
+        torch._foreach_copy_(b.params, xi)
+
+    def perturb(self, b: Bucket, grads: list[Tensor], rho: float,
+                inv_scale: Optional[Tensor], first_part: bool, found_inf: Tensor) -> None:
+        g = _as_opmath(grads, b.means)
+        if g is grads:
+            g = [t.clone() for t in grads] if inv_scale is not None else grads
+        mark_non_finite(g, found_inf)
+        if inv_scale is not None:
+            torch._foreach_mul_(g, inv_scale)
+        sqrt_s = torch._foreach_sqrt(b.precisions)
+        magnitude = torch._foreach_abs(g)
+        torch._foreach_mul_(magnitude, sqrt_s)            # sqrt(s) * |g|
+        if first_part:
+            torch._foreach_copy_(b.u_sums, magnitude)
+        else:
+            torch._foreach_add_(b.u_sums, magnitude)
+        e = torch._foreach_mul(g, rho)
+        torch._foreach_div_(e, b.precisions)              # rho * g / s
+        torch._foreach_add_(e, b.means)
+        torch._foreach_copy_(b.params, e)
+        torch._foreach_zero_(grads)
+
+    def accumulate(self, grad_sums: list[Tensor], grads: list[Tensor], first_part: bool,
+                   found_inf: Tensor) -> None:
+        mark_non_finite(grads, found_inf)
+        if first_part:
+            torch._foreach_copy_(grad_sums, grads)
+        else:
+            torch._foreach_add_(grad_sums, _as_opmath(grads, grad_sums))
+        torch._foreach_zero_(grads)
+
+    def check_finite(self, grads: list[Tensor], found_inf: Tensor) -> None:
+        mark_non_finite(grads, found_inf)
+
+    def update(self, b: Bucket, grads: list[Tensor], grad_factor: Scalar, u_factor: float,
+               lr: Scalar, beta1: float, beta2: float, weight_decay: float,
+               damping: float) -> None:
+        g = _as_opmath(grads, b.means)
+        g = torch._foreach_mul(g, grad_factor)
+        torch._foreach_add_(g, torch._foreach_mul(b.means, weight_decay))   # g + delta w
+        torch._foreach_mul_(b.momenta, beta1)
+        torch._foreach_add_(b.momenta, g, alpha=1 - beta1)
+        step = torch._foreach_div(b.momenta, b.precisions)                   # gm / s
+        torch._foreach_mul_(step, lr)
+        torch._foreach_sub_(b.means, step)
+        u = torch._foreach_mul(b.u_sums, u_factor)
+        torch._foreach_add_(u, damping + weight_decay)   # u + (gamma + delta)
+        torch._foreach_mul_(b.precisions, beta2)
+        torch._foreach_add_(b.precisions, u, alpha=1 - beta2)
+        torch._foreach_copy_(b.params, b.means)

@@ -1,0 +1,1 @@
+"""Compiled backends (``cpu``, ``cuda``) from the ``bsam_fast._C`` extension, when built."""

@@ -1,0 +1,567 @@
+"""`BSAM`: Bayesian-SAM as a ``torch.optim.Optimizer``.
+
+The optimizer owns the phases of a bSAM step, the state (momentum, precision and, for
+bf16/fp16 parameters, an fp32 master mean), the noise stream, and the choice of backend.
+The arithmetic lives in the backends (``reference.py``, ``foreach.py``, ``fused.py``).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections import defaultdict
+from typing import Callable, Iterator, Optional, Sequence
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from ._backend import Bucket, opmath_dtype
+from .backends import make_backend
+from .noise import noise_bases, seed_from_default_generator
+
+_IDLE, _NOISY, _PERTURBED = "idle", "noisy", "perturbed"
+
+
+def _check_hyperparameters(group: dict) -> None:
+    """ValueError naming the first invalid hyperparameter of a param group."""
+    lr = group["lr"]
+    lr_value = lr.item() if isinstance(lr, Tensor) else lr
+    if isinstance(lr, Tensor) and lr.numel() != 1:
+        raise ValueError(f"lr must be a float or a one-element tensor, got shape {tuple(lr.shape)}")
+    if not lr_value >= 0.0:
+        raise ValueError(f"Invalid lr: {lr_value} (must be >= 0)")
+    if not group["num_data"] > 0:
+        raise ValueError(f"Invalid num_data: {group['num_data']} (must be > 0: the number "
+                         "of training examples N)")
+    if not group["rho"] >= 0.0:
+        raise ValueError(f"Invalid rho: {group['rho']} (must be >= 0)")
+    betas = group["betas"]
+    if len(betas) != 2:
+        raise ValueError(f"Invalid betas: {betas} (expected a pair (beta1, beta2))")
+    for i, beta in enumerate(betas):
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"Invalid beta{i + 1} (betas[{i}]): {beta} (must be in [0, 1))")
+    if not group["weight_decay"] >= 0.0:
+        raise ValueError(f"Invalid weight_decay: {group['weight_decay']} (must be >= 0)")
+    if not group["damping"] >= 0.0:
+        raise ValueError(f"Invalid damping: {group['damping']} (must be >= 0)")
+    if not group["s_init"] > 0.0:
+        raise ValueError(f"Invalid s_init: {group['s_init']} (must be > 0)")
+
+
+def _check_parameter(p: Tensor) -> None:
+    if p.is_complex():
+        raise ValueError("BSAM does not support complex parameters (got dtype "
+                         f"{p.dtype}); use torch.view_as_real to optimise the real parts")
+    if not p.is_floating_point():
+        raise ValueError(f"BSAM only optimises floating-point parameters, got dtype {p.dtype}")
+    if p.is_sparse:
+        raise ValueError("BSAM does not support sparse parameters")
+
+
+def split_batch(*tensors: Tensor, m: int) -> list[tuple[Tensor, ...]]:
+    """Split tensors along dim 0 into m equal parts: [(x_0, y_0, ...), ...].
+
+    Raises ValueError if m < 1 or the batch size is not divisible by m.
+    """
+    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+        raise ValueError(f"Invalid m: {m!r} (must be an integer >= 1)")
+    if not tensors:
+        raise ValueError("split_batch needs at least one tensor")
+    size = tensors[0].shape[0]
+    for t in tensors:
+        if t.shape[0] != size:
+            raise ValueError(f"split_batch: tensors disagree on the batch size "
+                             f"({t.shape[0]} vs {size})")
+    if size % m:
+        raise ValueError(f"Invalid m: a batch of {size} is not divisible into m={m} parts")
+    return list(zip(*(t.chunk(m) for t in tensors)))
+
+
+class BSAM(Optimizer):
+    r"""Bayesian-SAM (Möllenhoff & Khan, ICLR 2023): SAM as an optimal relaxation of Bayes.
+
+    Learns a diagonal Gaussian posterior ``N(w, 1/(N*s))`` over the parameters. Between
+    steps the parameters hold the mean ``w``; ``state[p]`` holds ``momentum`` (gm) and
+    ``precision`` (s), and for bf16/fp16 parameters an fp32 master copy ``mean``.
+
+    Args:
+        params: tensors, param-group dicts, or (name, tensor) pairs.
+        lr: learning rate (float or one-element tensor).
+        num_data: N, the number of training examples; posterior variance is 1/(N*s).
+        rho: SAM perturbation radius (e = rho * g / s, not normalised). 0 gives the
+            Adam-like update without SAM (but still with noise).
+        betas: (beta1, beta2) for the momentum and the precision.
+        weight_decay: delta = prior precision / N (a Gaussian prior N(0, 1/(N*delta))).
+        damping: gamma, added to the precision estimate.
+        s_init: initial precision.
+        backend: "auto" (fastest available; see ``.backend``), "cpu", "cuda",
+            "foreach" or "reference".
+        seed: key of the noise stream; default: drawn from torch's default generator,
+            so ``torch.manual_seed`` reproduces a run.
+
+    Use ``step(closure)``, or the phases ``sample_noise()`` / ``perturb()`` / ``step()``
+    (see the README) for m-sharpness, GradScaler, accumulation and distributed training.
+    """
+
+    _step_supports_amp_scaling = True
+
+    def __init__(self, params, lr: float | Tensor, num_data: int | float, rho: float = 0.05,
+                 betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0,
+                 damping: float = 0.1, s_init: float = 1.0, *, backend: str = "auto",
+                 seed: Optional[int] = None):
+        if isinstance(backend, str) is False:
+            raise ValueError(f"Invalid backend: {backend!r} (expected a string)")
+        defaults = dict(lr=lr, num_data=num_data, rho=rho, betas=tuple(betas),
+                        weight_decay=weight_decay, damping=damping, s_init=s_init)
+        _check_hyperparameters(defaults)
+        self._noise_base: dict[Tensor, int] = {}
+        self._noise_end = 0
+        super().__init__(params, defaults)
+        all_params = [p for g in self.param_groups for p in g["params"]]
+        self._backend_request = backend
+        self._backend = make_backend(backend, all_params)
+        if seed is None:
+            seed = seed_from_default_generator()
+        if not isinstance(seed, int) or not 0 <= seed < 2 ** 64:
+            raise ValueError(f"Invalid seed: {seed!r} (must be an int in [0, 2**64))")
+        self._seed = seed
+        self._offset = 0                 # draws taken from the noise stream so far
+        self.skipped_steps = 0           # steps skipped for a non-finite gradient
+        self._phase = _IDLE
+        self._scratch: dict[Tensor, dict[str, Tensor]] = {}
+        self._reset_step()
+
+    # ------------------------------------------------------------------ setup
+    @property
+    def backend(self) -> str:
+        """Name of the backend in use (what "auto" resolved to)."""
+        return self._backend.name
+
+    @property
+    def noise_seed(self) -> int:
+        return self._seed
+
+    @property
+    def noise_offset(self) -> int:
+        """Number of noise draws taken so far (the stream's counter)."""
+        return self._offset
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        group["betas"] = tuple(group["betas"])
+        _check_hyperparameters(group)
+        for p in group["params"]:
+            _check_parameter(p)
+        bases = noise_bases([p.numel() for p in group["params"]])
+        for p, base in zip(group["params"], bases):
+            self._noise_base[p] = self._noise_end + base
+        self._noise_end += sum((p.numel() + 3) // 4 * 4 for p in group["params"])
+        if hasattr(self, "_backend"):
+            for p in group["params"]:
+                reason = self._backend.supports(p)
+                if reason is not None:
+                    raise ValueError(f"backend {self.backend!r} cannot handle a parameter: "
+                                     f"{reason}")
+
+    def _reset_step(self) -> None:
+        self._phase = _IDLE
+        self._parts = 0
+        self._active: list[list[Tensor]] = []
+        self._found = {"noisy": {}, "perturbed": {}}
+        self._used_scaler = False
+
+    def _init_state(self, group: dict, p: Tensor) -> dict:
+        state = self.state[p]
+        if "precision" not in state:
+            dtype = opmath_dtype(p.dtype)
+            state["momentum"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+            state["precision"] = torch.full_like(p, group["s_init"], dtype=dtype,
+                                                 memory_format=torch.preserve_format)
+            if dtype != p.dtype:
+                state["mean"] = p.detach().to(dtype, copy=True)
+        return state
+
+    def _buffer(self, p: Tensor, name: str) -> Tensor:
+        """A scratch buffer of the state's dtype, kept between steps to avoid reallocation."""
+        bufs = self._scratch.setdefault(p, {})
+        buf = bufs.get(name)
+        dtype = opmath_dtype(p.dtype)
+        if buf is None or buf.shape != p.shape or buf.dtype != dtype or buf.device != p.device:
+            buf = bufs[name] = torch.empty_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        return buf
+
+    def _buckets(self, group: dict, params: list[Tensor]) -> list[Bucket]:
+        by_key: dict[tuple, list[Tensor]] = defaultdict(list)
+        for p in params:
+            by_key[(p.device, p.dtype)].append(p)
+        buckets = []
+        for (_, dtype), ps in by_key.items():
+            states = [self.state[p] for p in ps]
+            master = opmath_dtype(dtype) != dtype
+            buckets.append(Bucket(
+                params=ps,
+                means=[st["mean"] if master else self._buffer(p, "mean")
+                       for p, st in zip(ps, states)],
+                momenta=[st["momentum"] for st in states],
+                precisions=[st["precision"] for st in states],
+                u_sums=[self._buffer(p, "u") for p in ps],
+                bases=[self._noise_base[p] for p in ps],
+                master_mean=master))
+        return buckets
+
+    def _found_flag(self, kind: str, device: torch.device) -> Tensor:
+        flags = self._found[kind]
+        if device not in flags:
+            flags[device] = torch.zeros(1, dtype=torch.float32, device=device)
+        return flags[device]
+
+    # ------------------------------------------------------------------ phases
+    @torch.no_grad()
+    def sample_noise(self, noise: Optional[Sequence[Tensor]] = None) -> None:
+        """Phase 1 of a part: put a posterior sample w + xi/sqrt(N*s) into the parameters.
+
+        Starts a step (loading the mean from the parameters), or a further part of an
+        m-part step (first banking the previous part's perturbed gradient). ``noise``:
+        optional standard-normal draws xi, one tensor per parameter in param-group order;
+        by default they come from the optimizer's noise stream, whose counter advances by
+        one per call.
+        """
+        if self._phase == _NOISY:
+            raise RuntimeError("sample_noise() called twice: call perturb() after the "
+                               "backward() at the noisy point")
+        all_params = [p for g in self.param_groups for p in g["params"]]
+        if noise is not None:
+            noise = list(noise)
+            if len(noise) != len(all_params):
+                raise ValueError(f"noise: expected {len(all_params)} tensors (one per "
+                                 f"parameter), got {len(noise)}")
+            for i, (xi, p) in enumerate(zip(noise, all_params)):
+                if not isinstance(xi, Tensor) or xi.shape != p.shape:
+                    raise ValueError(f"noise[{i}]: expected a tensor of shape {tuple(p.shape)}, "
+                                     f"got {getattr(xi, 'shape', type(xi).__name__)}")
+                if not xi.is_floating_point():
+                    raise ValueError(f"noise[{i}]: expected a floating-point tensor, got {xi.dtype}")
+                if xi.device != p.device:
+                    raise ValueError(f"noise[{i}]: expected device {p.device}, got {xi.device}")
+        first_part = self._phase == _IDLE
+        if not first_part:
+            self._bank_perturbed_gradient()
+        else:
+            self._reset_step()
+            for group in self.param_groups:
+                for p in group["params"]:
+                    self._init_state(group, p)
+        offset = self._offset
+        self._offset += 1
+        index = 0
+        for group in self.param_groups:
+            params = group["params"]
+            group_noise = None if noise is None else dict(zip(params, noise[index:index + len(params)]))
+            index += len(params)
+            for b in self._buckets(group, params):
+                xi = None if group_noise is None else [group_noise[p] for p in b.params]
+                self._backend.sample(b, group["num_data"], self._seed, offset, xi,
+                                     load_mean=first_part and not b.master_mean)
+        self._phase = _NOISY
+
+    def _grads(self, params: list[Tensor]) -> list[Tensor]:
+        grads = []
+        for p in params:
+            if p.grad.is_sparse:
+                raise RuntimeError("BSAM does not support sparse gradients; use a dense "
+                                   "gradient (e.g. nn.Embedding(sparse=False))")
+            if p.grad.is_complex() or p.grad.shape != p.shape:
+                raise RuntimeError(f"gradient of shape {tuple(p.grad.shape)} / dtype "
+                                   f"{p.grad.dtype} does not match its parameter "
+                                   f"{tuple(p.shape)} / {p.dtype}")
+            grads.append(p.grad)
+        return grads
+
+    @torch.no_grad()
+    def perturb(self, grad_scaler=None) -> None:
+        """Phase 2 of a part: read the gradient g at the noisy point, move the parameters to
+        w + rho * g / s, and zero the gradients so that the next backward() gives the
+        perturbed gradient alone. Parameters without a gradient go back to the mean and
+        sit out the rest of the step.
+
+        ``grad_scaler``: the enabled ``torch.amp.GradScaler`` that scaled this backward.
+        """
+        if self._phase != _NOISY:
+            raise RuntimeError("perturb() must follow sample_noise() and a backward() at "
+                               "the noisy point")
+        inv_scale = None
+        if grad_scaler is not None and grad_scaler.is_enabled():
+            scale = getattr(grad_scaler, "_scale", None)
+            if scale is None:
+                self.cancel_step()
+                raise RuntimeError("perturb(grad_scaler=...): the scaler has not scaled a "
+                                   "loss yet (call scaler.scale(loss).backward() first)")
+            self._used_scaler = True
+            inv_scale = scale.double().reciprocal().float()
+        active = [[p for p in g["params"] if p.grad is not None] for g in self.param_groups]
+        try:
+            for params in active:
+                self._grads(params)
+            if self._parts and [[id(p) for p in a] for a in active] != \
+                    [[id(p) for p in a] for a in self._active]:
+                raise RuntimeError("perturb(): the set of parameters with gradients changed "
+                                   "between the parts of one step")
+        except Exception:
+            self.cancel_step()
+            raise
+        first_part = self._parts == 0
+        self._active = active
+        for group, params in zip(self.param_groups, active):
+            idle = [p for p in group["params"] if p.grad is None]
+            for b in self._buckets(group, idle):
+                self._backend.restore(b)
+            for b in self._buckets(group, params):
+                scale = None if inv_scale is None else inv_scale.to(b.device)
+                self._backend.perturb(b, [p.grad for p in b.params], group["rho"], scale,
+                                      first_part, self._found_flag("noisy", b.device))
+        self._parts += 1
+        self._phase = _PERTURBED
+
+    def _bank_perturbed_gradient(self) -> None:
+        """Move part k's perturbed gradient h_k into the running sum (m-part steps)."""
+        self._check_perturbed_gradients()
+        for params in self._active:
+            for p in params:
+                self._buffer(p, "grad_sum")
+        for params in self._active:
+            by_device: dict[torch.device, list[Tensor]] = defaultdict(list)
+            for p in params:
+                by_device[p.device].append(p)
+            for device, ps in by_device.items():
+                self._backend.accumulate([self._scratch[p]["grad_sum"] for p in ps],
+                                         [p.grad for p in ps], self._parts == 1,
+                                         self._found_flag("perturbed", device))
+
+    def _check_perturbed_gradients(self) -> None:
+        for params in self._active:
+            missing = [p for p in params if p.grad is None]
+            if missing:
+                self.cancel_step()
+                raise RuntimeError(f"{len(missing)} parameter(s) had a gradient at the noisy "
+                                   "point but none at the perturbed point")
+            try:
+                self._grads(params)
+            except Exception:
+                self.cancel_step()
+                raise
+
+    @torch.no_grad()
+    def _finish(self) -> None:
+        """Phase 3: update momentum, mean and precision, and put the mean back in place."""
+        m = self._parts
+        if m > 1:
+            self._bank_perturbed_gradient()
+        else:
+            self._check_perturbed_gradients()
+            for params in self._active:
+                by_device: dict[torch.device, list[Tensor]] = defaultdict(list)
+                for p in params:
+                    by_device[p.device].append(p.grad)
+                for device, grads in by_device.items():
+                    self._backend.check_finite(grads, self._found_flag("perturbed", device))
+        scaler_found = getattr(self, "found_inf", None)
+        grad_scale = getattr(self, "grad_scale", None)
+        bad_noisy = any(f.item() for f in self._found["noisy"].values())
+        bad_perturbed = any(f.item() for f in self._found["perturbed"].values())
+        bad_scaler = scaler_found is not None and bool(scaler_found.item())
+        if bad_noisy or bad_perturbed or bad_scaler:
+            self._restore_all()
+            self.skipped_steps += 1
+            if not (self._used_scaler or bad_scaler or grad_scale is not None):
+                which = " and ".join(n for n, bad in (("noisy", bad_noisy),
+                                                      ("perturbed", bad_perturbed)) if bad)
+                warnings.warn(f"BSAM: skipped a step: the {which} gradient holds inf or NaN; "
+                              "mean, momentum and precision are unchanged "
+                              f"({self.skipped_steps} skipped so far)", RuntimeWarning,
+                              stacklevel=3)
+            self._reset_step()
+            return
+        for group, params in zip(self.param_groups, self._active):
+            active_ids = {id(p) for p in params}
+            idle = [p for p in group["params"] if id(p) not in active_ids]
+            for b in self._buckets(group, idle):
+                self._backend.restore(b)
+            beta1, beta2 = group["betas"]
+            for b in self._buckets(group, params):
+                inv_scale = None if grad_scale is None else grad_scale.double().reciprocal().float().to(b.device)
+                factor = 1.0 / m if inv_scale is None else inv_scale / m
+                grads = [self._scratch[p]["grad_sum"] if m > 1 else p.grad for p in b.params]
+                self._backend.update(b, grads, factor, 1.0 / m, group["lr"], beta1, beta2,
+                                     group["weight_decay"], group["damping"])
+        self._reset_step()
+
+    def _restore_all(self) -> None:
+        for group in self.param_groups:
+            for b in self._buckets(group, [p for p in group["params"] if p in self.state]):
+                self._backend.restore(b)
+
+    @torch.no_grad()
+    def cancel_step(self) -> None:
+        """Abandon a step in progress: parameters back at the mean, no state changed.
+
+        The noise stream keeps its position (draws already taken stay taken)."""
+        if self._phase != _IDLE:
+            self._restore_all()
+        self._reset_step()
+
+    @property
+    def in_step(self) -> bool:
+        """True between sample_noise() and the step() that finishes the step."""
+        return self._phase != _IDLE
+
+    # ------------------------------------------------------------------ step
+    def step(self, closure: Optional[Callable[[], Tensor]] = None,
+             noise: Optional[Sequence[Tensor]] = None):
+        """One bSAM step.
+
+        With a closure (it zeroes the gradients, computes the loss, calls backward() and
+        returns the loss): evaluates it at a posterior sample and at the perturbed point,
+        updates, and returns the loss at the perturbed point.
+
+        Without a closure: finishes a step begun with ``sample_noise()`` and ``perturb()``
+        (this is what ``GradScaler.step(optimizer)`` calls).
+        """
+        if closure is None:
+            if self._phase != _PERTURBED:
+                raise RuntimeError("step() without a closure finishes a step begun with "
+                                   "sample_noise() and perturb(); pass a closure instead")
+            if noise is not None:
+                raise ValueError("noise is given to sample_noise() in the phase API")
+            self._finish()
+            return None
+        if self._phase != _IDLE:
+            raise RuntimeError("step(closure) called inside a step begun with sample_noise()")
+        try:
+            self.sample_noise(noise)
+            with torch.enable_grad():
+                closure()
+            self.perturb()
+            with torch.enable_grad():
+                loss = closure()
+        except BaseException:
+            self.cancel_step()
+            raise
+        self._finish()
+        return loss
+
+    def step_parts(self, closure: Callable[[int], Tensor], m: int,
+                   noise: Optional[Sequence[Sequence[Tensor]]] = None):
+        """One m-sharpness step: ``closure(k)`` computes part k's loss and calls backward().
+
+        Every part gets its own noise sample and its own perturbation; the update uses the
+        mean of the m perturbed gradients and of the m values sqrt(s)*|g_k|. Returns the
+        mean of the losses at the perturbed points.
+        """
+        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+            raise ValueError(f"Invalid m: {m!r} (must be an integer >= 1)")
+        if noise is not None and len(noise) != m:
+            raise ValueError(f"noise: expected one list per part (m={m}), got {len(noise)}")
+        if self._phase != _IDLE:
+            raise RuntimeError("step_parts() called inside a step begun with sample_noise()")
+        losses = []
+        try:
+            for k in range(m):
+                self.sample_noise(None if noise is None else noise[k])
+                with torch.enable_grad():
+                    closure(k)
+                self.perturb()
+                with torch.enable_grad():
+                    losses.append(closure(k))
+        except BaseException:
+            self.cancel_step()
+            raise
+        self._finish()
+        if all(isinstance(loss, Tensor) for loss in losses):
+            return torch.stack([loss.detach() for loss in losses]).mean()
+        return None
+
+    # ------------------------------------------------------------------ posterior
+    def _params(self) -> list[Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    @torch.no_grad()
+    def posterior_std(self) -> list[Tensor]:
+        """Per-parameter posterior standard deviation 1/sqrt(N*s), in param-group order."""
+        out = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p, {})
+                s = state.get("precision")
+                if s is None:
+                    s = torch.full_like(p, group["s_init"], dtype=opmath_dtype(p.dtype))
+                out.append(torch.rsqrt(group["num_data"] * s))
+        return out
+
+    @contextlib.contextmanager
+    def sampled_params(self, generator: Optional[torch.Generator] = None) -> Iterator[None]:
+        """Context manager: the parameters hold one posterior sample w + xi/sqrt(N*s)
+        (xi from ``torch.randn`` with ``generator``), and the mean again on exit, also on
+        an exception."""
+        if self._phase != _IDLE:
+            raise RuntimeError("sampled_params() inside an unfinished bSAM step")
+        params = self._params()
+        saved = [p.detach().clone() for p in params]
+        try:
+            with torch.no_grad():
+                for p, std in zip(params, self.posterior_std()):
+                    xi = torch.randn(p.shape, generator=generator, dtype=std.dtype,
+                                     device=generator.device if generator is not None else p.device)
+                    p.copy_(self._mean_of(p) + xi.to(p.device) * std)
+            yield
+        finally:
+            with torch.no_grad():
+                for p, w in zip(params, saved):
+                    p.copy_(w)
+
+    def _mean_of(self, p: Tensor) -> Tensor:
+        state = self.state.get(p, {})
+        return state["mean"] if "mean" in state else p.detach().to(opmath_dtype(p.dtype))
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        if self._phase != _IDLE:
+            raise RuntimeError("state_dict() inside an unfinished bSAM step (after "
+                               "sample_noise(), before step())")
+        sd = super().state_dict()
+        sd["noise"] = {"seed": self._seed, "offset": self._offset}
+        sd["skipped_steps"] = self.skipped_steps
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if self._phase != _IDLE:
+            raise RuntimeError("load_state_dict() inside an unfinished bSAM step")
+        missing = [k for k in ("state", "param_groups", "noise") if k not in state_dict]
+        if missing:
+            raise ValueError(f"not a BSAM state_dict: missing {missing}")
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = self._params()
+        if len(saved_ids) != len(params):
+            raise ValueError(f"state_dict has {len(saved_ids)} parameters, this optimizer "
+                             f"{len(params)}")
+        for g in state_dict["param_groups"]:
+            _check_hyperparameters({**self.defaults, **g})
+        # torch.optim casts floating state to the parameter dtype, which would round the
+        # fp32 state of bf16/fp16 parameters; load it ourselves after the groups.
+        originals = {i: dict(state_dict["state"].get(i, {})) for i in saved_ids}
+        super().load_state_dict(state_dict)
+        for i, p in zip(saved_ids, params):
+            st = originals[i]
+            self.state.pop(p, None)
+            if st:
+                dtype = opmath_dtype(p.dtype)
+                self.state[p] = {k: (v.to(device=p.device, dtype=dtype, copy=True)
+                                     if isinstance(v, Tensor) else v) for k, v in st.items()}
+        for g in self.param_groups:
+            g["betas"] = tuple(g["betas"])
+        self._seed = int(state_dict["noise"]["seed"])
+        self._offset = int(state_dict["noise"]["offset"])
+        self.skipped_steps = int(state_dict.get("skipped_steps", 0))
+        self._reset_step()
