@@ -376,8 +376,9 @@ class BSAM(Optimizer):
             self._restore_all()
             self.skipped_steps += 1
             if not (self._used_scaler or bad_scaler or grad_scale is not None):
-                which = " and ".join(n for n, bad in (("noisy", bad_noisy),
-                                                      ("perturbed", bad_perturbed)) if bad)
+                # A non-finite noisy gradient makes the perturbed point, and so the
+                # perturbed gradient, non-finite too: name the first one.
+                which = "noisy" if bad_noisy else "perturbed"
                 warnings.warn(f"BSAM: skipped a step: the {which} gradient holds inf or NaN; "
                               "mean, momentum and precision are unchanged "
                               f"({self.skipped_steps} skipped so far)", RuntimeWarning,

@@ -1,0 +1,103 @@
+"""Checkpoints: round trips across backends and across processes, bit for bit."""
+import subprocess
+import sys
+import textwrap
+
+import torch
+
+from bsam_fast import BSAM, available_backends
+from helpers import make_model, snapshot, train
+
+
+def make(backend, dtype=torch.float32):
+    model = make_model(dtype=dtype)
+    return model, BSAM(model.parameters(), lr=0.05, num_data=100, rho=0.05,
+                       weight_decay=0.01, backend=backend, seed=99)
+
+
+def assert_identical(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_resume_equals_uninterrupted(backend, tmp_path):
+    model, opt = make(backend)
+    train(model, opt, 10)
+    full = snapshot(model, opt)
+
+    model, opt = make(backend)
+    train(model, opt, 5)
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "ck.pt")
+    model, opt = make(backend)
+    ck = torch.load(tmp_path / "ck.pt")
+    model.load_state_dict(ck["model"])
+    opt.load_state_dict(ck["opt"])
+    assert opt.noise_offset == 5 * 1
+    train(model, opt, 5, seed=6)
+    assert_identical(snapshot(model, opt), full)
+
+
+def test_bf16_state_stays_fp32_through_a_checkpoint(backend):
+    model, opt = make(backend, torch.bfloat16)
+    train(model, opt, 2, dtype=torch.bfloat16)
+    sd = opt.state_dict()
+    model2, opt2 = make(backend, torch.bfloat16)
+    model2.load_state_dict(model.state_dict())
+    opt2.load_state_dict(sd)
+    for p, p2 in zip(model.parameters(), model2.parameters()):
+        for key in ("mean", "momentum", "precision"):
+            assert opt2.state[p2][key].dtype == torch.float32
+            assert torch.equal(opt2.state[p2][key], opt.state[p][key])
+
+
+def test_state_dict_moves_between_backends():
+    backends = available_backends()
+    model, opt = make(backends[-1])
+    train(model, opt, 3)
+    for other in backends:
+        model2, opt2 = make(other)
+        model2.load_state_dict(model.state_dict())
+        opt2.load_state_dict(opt.state_dict())
+        assert opt2.backend == other
+        assert_identical(snapshot(model2, opt2), snapshot(model, opt))
+        assert opt2.noise_offset == opt.noise_offset
+
+
+def test_load_refuses_a_foreign_state_dict():
+    model, opt = make("foreach")
+    import pytest
+    with pytest.raises(ValueError, match="not a BSAM state_dict"):
+        opt.load_state_dict(torch.optim.Adam(model.parameters()).state_dict())
+
+
+SCRIPT = textwrap.dedent("""
+    import sys, torch
+    sys.path.insert(0, {tests!r})
+    from helpers import make_model, train, snapshot
+    from bsam_fast import BSAM
+    backend, mode, path = sys.argv[1:4]
+    model = make_model()
+    opt = BSAM(model.parameters(), lr=0.05, num_data=100, rho=0.05, weight_decay=0.01,
+               backend=backend, seed=99)
+    if mode == "first":
+        train(model, opt, 5)
+        torch.save({{"model": model.state_dict(), "opt": opt.state_dict()}}, path)
+    else:
+        ck = torch.load(path)
+        model.load_state_dict(ck["model"]); opt.load_state_dict(ck["opt"])
+        train(model, opt, 5, seed=6)
+        torch.save(snapshot(model, opt), path + ".final")
+""")
+
+
+def test_resume_in_a_new_process(backend, tmp_path):
+    import pathlib
+    script = tmp_path / "run.py"
+    script.write_text(SCRIPT.format(tests=str(pathlib.Path(__file__).parent)))
+    path = str(tmp_path / "ck.pt")
+    for mode in ("first", "second"):
+        subprocess.run([sys.executable, str(script), backend, mode, path], check=True)
+    model, opt = make(backend)
+    train(model, opt, 10)
+    assert_identical(torch.load(path + ".final"), snapshot(model, opt))
