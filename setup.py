@@ -1,9 +1,78 @@
-"""Build bsam-fast; the fused kernels (``bsam_fast._C``) are optional.
+"""Build bsam-fast. The fused kernels (``bsam_fast._C``) are optional.
 
-The package itself is pure Python. When torch and a C++ compiler are present, the CPU
-kernels in ``csrc/`` are built as a torch extension; without them the package installs
-anyway and runs on the ``foreach`` backend.
+The package is pure Python. When torch and a C++ compiler are present, the CPU kernels in
+``csrc/`` are built as a torch extension; the CUDA kernels are added when torch is a CUDA
+build and nvcc is found (``CUDA_HOME``). Without a compiler the package installs anyway
+and runs on the ``foreach`` backend.
+
+Environment:
+  BSAM_NO_EXTENSION=1   build nothing (pure Python install)
+  BSAM_NO_CUDA=1        build only the CPU kernels
+  BSAM_CPU_ARCH=...     -march for the CPU kernels (default: native; "" for the compiler default)
+  TORCH_CUDA_ARCH_LIST  CUDA architectures (default "8.0;9.0")
+  MAX_JOBS              parallel compile jobs (ninja)
 """
+import os
+import shutil
+import sys
+import sysconfig
+
 from setuptools import find_packages, setup
 
-setup(packages=find_packages(include=["bsam_fast", "bsam_fast.*"]))
+HERE = os.path.dirname(os.path.abspath(__file__))
+CPU_SOURCES = ["csrc/ops.cpp", "csrc/cpu/bsam_cpu.cpp", "csrc/python_module.cpp"]
+CUDA_SOURCES = ["csrc/cuda/bsam_cuda.cu"]
+
+
+def _have_cxx() -> bool:
+    cxx = os.environ.get("CXX") or sysconfig.get_config_var("CXX") or "c++"
+    return shutil.which(cxx.split()[0]) is not None
+
+
+def _extensions():
+    if os.environ.get("BSAM_NO_EXTENSION") == "1":
+        print("bsam-fast: BSAM_NO_EXTENSION=1, building no kernels", file=sys.stderr)
+        return [], {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        print("bsam-fast: torch is not importable at build time (use "
+              "`pip install --no-build-isolation`); building no kernels", file=sys.stderr)
+        return [], {}
+    if not _have_cxx():
+        print("bsam-fast: no C++ compiler found; building no kernels", file=sys.stderr)
+        return [], {}
+    arch = os.environ.get("BSAM_CPU_ARCH", "native")
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off"]
+    if arch:
+        cxx_flags.append(f"-march={arch}")
+    sources = [s for s in CPU_SOURCES]
+    define_macros = []
+    extra = {"cxx": cxx_flags}
+    want_cuda = (os.environ.get("BSAM_NO_CUDA") != "1" and torch.version.cuda is not None
+                 and cpp_extension.CUDA_HOME is not None
+                 and all(os.path.exists(os.path.join(HERE, s)) for s in CUDA_SOURCES))
+    if want_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        sources += CUDA_SOURCES
+        define_macros.append(("BSAM_WITH_CUDA", "1"))
+        include = os.path.join(os.path.dirname(torch.__file__), os.pardir, "nvidia", "cu13", "include")
+        nvcc = ["-O3", "-std=c++17", "--use_fast_math=false", "-lineinfo"]
+        if os.path.isdir(include):
+            nvcc.append(f"-I{os.path.abspath(include)}")
+        extra["nvcc"] = nvcc
+        ext_cls = cpp_extension.CUDAExtension
+        print(f"bsam-fast: building CPU and CUDA kernels (CUDA_HOME={cpp_extension.CUDA_HOME}, "
+              f"arch {os.environ['TORCH_CUDA_ARCH_LIST']})", file=sys.stderr)
+    else:
+        ext_cls = cpp_extension.CppExtension
+        print("bsam-fast: building CPU kernels", file=sys.stderr)
+    ext = ext_cls("bsam_fast._C", sources, extra_compile_args=extra, extra_link_args=["-fopenmp"],
+                  define_macros=define_macros, include_dirs=[os.path.join(HERE, "csrc")])
+    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(no_python_abi_suffix=False)}
+
+
+ext_modules, cmdclass = _extensions()
+setup(packages=find_packages(include=["bsam_fast", "bsam_fast.*"]),
+      ext_modules=ext_modules, cmdclass=cmdclass)

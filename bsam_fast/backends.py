@@ -9,12 +9,16 @@ from ._backend import Backend
 from .foreach import ForeachBackend
 from .reference import ReferenceBackend
 
-# Fastest first: "auto" takes the first available one that supports every parameter.
+# name -> class; listed fastest first (highest `priority`): "auto" takes the first
+# available backend that supports every parameter.
 _REGISTRY: dict[str, type[Backend]] = {}
 
 
 def register_backend(cls: type[Backend]) -> type[Backend]:
     _REGISTRY[cls.name] = cls
+    ordered = sorted(_REGISTRY.values(), key=lambda c: -getattr(c, "priority", 0))
+    _REGISTRY.clear()
+    _REGISTRY.update((c.name, c) for c in ordered)
     return cls
 
 

@@ -22,6 +22,7 @@ def _as_opmath(tensors: list[Tensor], like: list[Tensor]) -> list[Tensor]:
 
 class ForeachBackend(Backend):
     name = "foreach"
+    priority = 10
 
     def sample(self, b: Bucket, num_data: float, seed: int, offset: int,
                noise: Optional[Sequence[Tensor]], load_mean: bool) -> None:

@@ -1,1 +1,80 @@
-"""Compiled backends (``cpu``, ``cuda``) from the ``bsam_fast._C`` extension, when built."""
+"""Compiled backends from the ``bsam_fast._C`` extension: ``cpu`` (and ``cuda``).
+
+Each phase is one op call over a whole bucket, i.e. one pass over all its parameters.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import _ops
+from ._backend import Backend, Bucket, Scalar
+from .backends import register_backend
+
+
+class FusedBackend(Backend):
+    device_type = "?"
+
+    @classmethod
+    def is_available(cls) -> bool:
+        return _ops.has_kernel(cls.device_type)
+
+    @classmethod
+    def unavailable_reason(cls) -> str:
+        if not _ops.is_loaded():
+            return f"the extension bsam_fast._C did not load: {_ops.LOAD_ERROR}"
+        return f"the extension was built without {cls.device_type} kernels"
+
+    def supports(self, param: Tensor) -> Optional[str]:
+        if param.device.type != self.device_type:
+            return f"a parameter is on {param.device}, this backend runs on {self.device_type}"
+        if not param.is_contiguous():
+            return "a parameter is not contiguous"
+        if param.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+            return f"dtype {param.dtype} is not supported"
+        return None
+
+    def sample(self, b: Bucket, num_data: float, seed: int, offset: int,
+               noise: Optional[Sequence[Tensor]], load_mean: bool) -> None:
+        if noise is not None:
+            noise = [x.to(b.means[0].dtype).contiguous() for x in noise]
+        _ops.sample_(b.params, b.means, b.precisions, b.bases, num_data, seed, offset,
+                     load_mean, noise)
+
+    def perturb(self, b: Bucket, grads: list[Tensor], rho: float,
+                inv_scale: Optional[Tensor], first_part: bool, found_inf: Tensor) -> None:
+        _ops.perturb_(b.params, grads, b.means, b.precisions, b.u_sums, rho, inv_scale,
+                      first_part, found_inf)
+
+    def accumulate(self, grad_sums: list[Tensor], grads: list[Tensor], first_part: bool,
+                   found_inf: Tensor) -> None:
+        _ops.accumulate_(grad_sums, grads, first_part, found_inf)
+
+    def check_finite(self, grads: list[Tensor], found_inf: Tensor) -> None:
+        _ops.check_finite_(grads, found_inf)
+
+    def update(self, b: Bucket, grads: list[Tensor], grad_factor: Scalar, u_factor: float,
+               lr: Scalar, beta1: float, beta2: float, weight_decay: float,
+               damping: float) -> None:
+        _ops.update_(b.params, b.means, b.momenta, b.precisions, grads, b.u_sums, grad_factor,
+                     u_factor, lr, beta1, beta2, weight_decay, damping, b.master_mean)
+
+
+@register_backend
+class CpuBackend(FusedBackend):
+    name = "cpu"
+    device_type = "cpu"
+    priority = 20
+
+
+@register_backend
+class CudaBackend(FusedBackend):
+    name = "cuda"
+    device_type = "cuda"
+    priority = 30
+
+
+if not _ops.is_loaded():
+    _ops.warn_once_unavailable()

@@ -131,6 +131,23 @@ def sincos_2pi(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sin, cos
 
 
+def sqrt_rn(x: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded float32 square root (IEEE-754, as C++ sqrtf and NumPy give).
+
+    torch.sqrt on CPU may be 1 ulp off (vectorised math libraries), so take the float64
+    root, round it, and keep whichever neighbour has the smallest exact residual
+    |c*c - x| (c*c of a float32 is exact in float64; sqrt never ties).
+    """
+    xd = x.double()
+    r = torch.sqrt(xd).float()
+    best, best_err = r, (r.double() * r.double() - xd).abs()
+    for c in (torch.nextafter(r, torch.full_like(r, -1.0)), torch.nextafter(r, torch.full_like(r, 3e38))):
+        err = (c.double() * c.double() - xd).abs()
+        best = torch.where(err < best_err, c, best)
+        best_err = torch.minimum(err, best_err)
+    return best
+
+
 def normal_blocks(seed: int, offset: int, blocks: torch.Tensor) -> torch.Tensor:
     """Standard normals for the given Philox block indices: shape (len(blocks), 4), float32."""
     k0, k1 = seed & MASK32, (seed >> 32) & MASK32
@@ -141,7 +158,7 @@ def normal_blocks(seed: int, offset: int, blocks: torch.Tensor) -> torch.Tensor:
     x0, x1, x2, x3 = philox4x32(c0, c1, c2, c3, k0, k1)
     out = []
     for xa, xb in ((x0, x1), (x2, x3)):
-        radius = torch.sqrt(cephes_log(uniform_from_bits(xa)) * -2.0)
+        radius = sqrt_rn(cephes_log(uniform_from_bits(xa)) * -2.0)
         sin, cos = sincos_2pi(uniform_from_bits(xb))
         out += [radius * cos, radius * sin]
     return torch.stack(out, dim=1)

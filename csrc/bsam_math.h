@@ -1,0 +1,150 @@
+// bsam_math.h -- the arithmetic of bSAM, shared by the CPU and CUDA kernels.
+//
+// Everything here is a pure function of its arguments and compiles for host and device,
+// so both devices draw the same noise and apply the same update. The noise stream is
+// defined in bsam_fast/noise.py: Philox4x32-10 keyed by the 64-bit seed, counter
+// (block_lo, block_hi, offset_lo, offset_hi) for Philox block `block` (4 elements) of
+// draw `offset`, then a Box-Muller transform with Cephes float32 log/sin/cos.
+//
+// Build with -ffp-contract=off (host) / --fmad=false or the *_rn intrinsics (device):
+// every float operation below must round once, as NumPy's and torch's do, for the
+// streams to agree bit for bit.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define BSAM_HD __host__ __device__ __forceinline__
+#else
+#define BSAM_HD inline
+#endif
+
+namespace bsam {
+
+// ---------------------------------------------------------------- Philox4x32-10
+struct uint4x32 { uint32_t x[4]; };
+
+constexpr uint32_t kPhiloxM0 = 0xD2511F53u, kPhiloxM1 = 0xCD9E8D57u;
+constexpr uint32_t kPhiloxW0 = 0x9E3779B9u, kPhiloxW1 = 0xBB67AE85u;
+
+BSAM_HD void mulhilo32(uint32_t a, uint32_t b, uint32_t& hi, uint32_t& lo) {
+  const uint64_t product = static_cast<uint64_t>(a) * static_cast<uint64_t>(b);
+  hi = static_cast<uint32_t>(product >> 32);
+  lo = static_cast<uint32_t>(product);
+}
+
+BSAM_HD uint4x32 philox4x32_10(uint4x32 c, uint32_t k0, uint32_t k1) {
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+  for (int round = 0; round < 10; ++round) {
+    uint32_t hi0, lo0, hi1, lo1;
+    mulhilo32(kPhiloxM0, c.x[0], hi0, lo0);
+    mulhilo32(kPhiloxM1, c.x[2], hi1, lo1);
+    c = uint4x32{{hi1 ^ c.x[1] ^ k0, lo1, hi0 ^ c.x[3] ^ k1, lo0}};
+    k0 += kPhiloxW0;  // the bump after the last round is never used
+    k1 += kPhiloxW1;
+  }
+  return c;
+}
+
+// ---------------------------------------------------------------- float32 transforms
+BSAM_HD float bits_to_float(uint32_t bits) {
+  union { uint32_t u; float f; } v{bits};
+  return v.f;
+}
+BSAM_HD uint32_t float_to_bits(float f) {
+  union { float f; uint32_t u; } v{f};
+  return v.u;
+}
+
+// u in (0, 1), exactly ((x >> 9) + 0.5) * 2^-23.
+BSAM_HD float uniform_open01(uint32_t x) {
+  return (static_cast<float>(x >> 9) + 0.5f) * 1.1920928955078125e-07f;
+}
+
+// Natural log of a positive normal float (Cephes logf), branch-free.
+BSAM_HD float cephes_logf(float u) {
+  const uint32_t bits = float_to_bits(u);
+  int e = static_cast<int>((bits >> 23) & 0xFFu) - 126;
+  const float m = bits_to_float((bits & 0x007FFFFFu) | 0x3F000000u);  // u = m * 2^e
+  const bool small = m < 0.707106781186547524f;
+  e = small ? e - 1 : e;
+  const float fe = static_cast<float>(e);
+  float x = small ? (m + m) - 1.0f : m - 1.0f;
+  const float z = x * x;
+  float y = 7.0376836292e-2f;
+  y = y * x + -1.1514610310e-1f;
+  y = y * x + 1.1676998740e-1f;
+  y = y * x + -1.2420140846e-1f;
+  y = y * x + 1.4249322787e-1f;
+  y = y * x + -1.6668057665e-1f;
+  y = y * x + 2.0000714765e-1f;
+  y = y * x + -2.4999993993e-1f;
+  y = y * x + 3.3333331174e-1f;
+  y = (y * x) * z;
+  y = y + fe * -2.12194440e-4f;
+  y = y - z * 0.5f;
+  x = x + y;
+  return x + fe * 0.693359375f;
+}
+
+// sin and cos of 2*pi*u for u in [0, 1): exact quadrant reduction, Cephes polynomials.
+BSAM_HD void sincos_2pi(float u, float& sin_out, float& cos_out) {
+  const float v = u * 4.0f;
+  const float q = floorf(v + 0.5f);
+  const float x = (v - q) * 1.5707963267948966f;
+  const float z = x * x;
+  const float s = ((-1.9515295891e-4f * z + 8.3321608736e-3f) * z + -1.6666654611e-1f) * z * x + x;
+  const float c = (((2.443315711809948e-5f * z + -1.388731625493765e-3f) * z +
+                    4.166664568298827e-2f) * z) * z - z * 0.5f + 1.0f;
+  const int quadrant = static_cast<int>(q) & 3;
+  sin_out = quadrant == 0 ? s : quadrant == 1 ? c : quadrant == 2 ? -s : -c;
+  cos_out = quadrant == 0 ? c : quadrant == 1 ? -s : quadrant == 2 ? -c : s;
+}
+
+// The four standard normals of Philox block `block` in draw `offset`.
+BSAM_HD void normal4(uint64_t seed, uint64_t offset, uint64_t block, float out[4]) {
+  const uint4x32 counter{{static_cast<uint32_t>(block), static_cast<uint32_t>(block >> 32),
+                          static_cast<uint32_t>(offset), static_cast<uint32_t>(offset >> 32)}};
+  const uint4x32 r = philox4x32_10(counter, static_cast<uint32_t>(seed),
+                                   static_cast<uint32_t>(seed >> 32));
+  for (int pair = 0; pair < 2; ++pair) {
+    const float radius = sqrtf(cephes_logf(uniform_open01(r.x[2 * pair])) * -2.0f);
+    float s, c;
+    sincos_2pi(uniform_open01(r.x[2 * pair + 1]), s, c);
+    out[2 * pair] = radius * c;
+    out[2 * pair + 1] = radius * s;
+  }
+}
+
+// ---------------------------------------------------------------- the update, per element
+// Each line as in bsam_fast/reference.py, with the same order of operations.
+template <typename T>
+BSAM_HD T noisy_point(T w, T s, T xi, T num_data) { return w + xi / std::sqrt(num_data * s); }
+
+template <typename T>
+BSAM_HD T gradient_magnitude(T s, T g) { return std::sqrt(s) * std::fabs(g); }
+
+template <typename T>
+BSAM_HD T perturbed_point(T w, T s, T g, T rho) { return w + (rho * g) / s; }
+
+template <typename T>
+struct UpdateCoefficients {
+  T lr, beta1, one_minus_beta1, beta2, one_minus_beta2, weight_decay, damping;
+};
+
+// gm, w and s in place; returns nothing. g and u already carry their 1/m and 1/scale.
+template <typename T>
+BSAM_HD void posterior_update(T& w, T& gm, T& s, T g, T u, const UpdateCoefficients<T>& k) {
+  gm = k.beta1 * gm + k.one_minus_beta1 * (g + k.weight_decay * w);
+  w = w - (k.lr * gm) / s;
+  s = k.beta2 * s + k.one_minus_beta2 * ((u + k.damping) + k.weight_decay);
+}
+
+// true for inf and NaN; branch-free so loops stay vectorisable (x - x is NaN for both).
+template <typename T>
+BSAM_HD bool non_finite(T x) { return !((x - x) == (x - x)); }
+
+}  // namespace bsam

@@ -1,0 +1,246 @@
+// bsam_cpu.cpp -- CPU kernels of the bsam_fast ops (schemas in csrc/ops.cpp).
+//
+// Each op makes one pass over all tensors of its list: the tensors are cut into chunks of
+// kChunk elements, and at::parallel_for spreads the chunks over threads. Inner loops work
+// on tiles of kTile elements with plain arithmetic from bsam_math.h, which the compiler
+// vectorises. Noise is a pure function of the global element index, so it does not depend
+// on the number of threads or on where chunks begin.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <vector>
+
+#include "../bsam_math.h"
+#include "../checks.h"
+
+namespace bsam {
+namespace {
+
+constexpr int64_t kChunk = 1 << 15;  // elements per parallel task (a multiple of kTile)
+constexpr int64_t kTile = 256;       // elements per inner loop (a multiple of 4)
+
+struct Chunk {
+  int64_t tensor, begin, end;
+};
+
+std::vector<Chunk> make_chunks(at::TensorList tensors) {
+  std::vector<Chunk> chunks;
+  for (int64_t i = 0; i < static_cast<int64_t>(tensors.size()); ++i) {
+    const int64_t n = tensors[i].numel();
+    for (int64_t begin = 0; begin < n; begin += kChunk) {
+      chunks.push_back({i, begin, std::min(n, begin + kChunk)});
+    }
+  }
+  return chunks;
+}
+
+// Runs fn(chunk) over every chunk in parallel; returns true if any call returned true.
+template <typename Fn>
+bool parallel_chunks(at::TensorList tensors, const Fn& fn) {
+  const std::vector<Chunk> chunks = make_chunks(tensors);
+  std::atomic<bool> flagged{false};
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t first, int64_t last) {
+    bool local = false;
+    for (int64_t c = first; c < last; ++c) local |= fn(chunks[c]);
+    if (local) flagged.store(true, std::memory_order_relaxed);
+  });
+  return flagged.load();
+}
+
+void raise_flag(const at::Tensor& found_inf, bool found) {
+  if (found) found_inf.fill_(1.0);
+}
+
+template <typename T>
+T* ptr(const at::Tensor& t) { return t.data_ptr<T>(); }
+
+// Fills z[0..n) with the stream's normals for global indices base + begin ... (begin % 4 == 0).
+template <typename T>
+void stream_tile(uint64_t seed, uint64_t offset, int64_t first_index, int64_t n, T* z) {
+  const uint64_t first_block = static_cast<uint64_t>(first_index) / 4;
+  const int64_t blocks = (n + 3) / 4;
+  float tmp[kTile];
+  for (int64_t b = 0; b < blocks; ++b) normal4(seed, offset, first_block + b, tmp + 4 * b);
+  for (int64_t k = 0; k < n; ++k) z[k] = static_cast<T>(tmp[k]);
+}
+
+// ------------------------------------------------------------------------------ sample_
+void sample_cpu(at::TensorList params, at::TensorList means, at::TensorList precisions,
+                at::IntArrayRef bases, double num_data, int64_t seed, int64_t offset,
+                bool load_mean, std::optional<at::TensorList> noise) {
+  check_sample_args(params, means, precisions, bases, noise, at::kCPU);
+  if (params.empty()) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "bsam_sample", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const opmath_t n_data = static_cast<opmath_t>(num_data);
+    parallel_chunks(params, [&](const Chunk& c) {
+      scalar_t* p = ptr<scalar_t>(params[c.tensor]);
+      opmath_t* w = ptr<opmath_t>(means[c.tensor]);
+      const opmath_t* s = ptr<opmath_t>(precisions[c.tensor]);
+      const opmath_t* xi_given = noise ? ptr<opmath_t>((*noise)[c.tensor]) : nullptr;
+      opmath_t z[kTile];
+      for (int64_t j = c.begin; j < c.end; j += kTile) {
+        const int64_t n = std::min(kTile, c.end - j);
+        if (xi_given) {
+          for (int64_t k = 0; k < n; ++k) z[k] = xi_given[j + k];
+        } else {
+          stream_tile(static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), bases[c.tensor] + j, n, z);
+        }
+        if (load_mean) {
+          for (int64_t k = 0; k < n; ++k) w[j + k] = static_cast<opmath_t>(p[j + k]);
+        }
+        for (int64_t k = 0; k < n; ++k) {
+          p[j + k] = static_cast<scalar_t>(noisy_point(w[j + k], s[j + k], z[k], n_data));
+        }
+      }
+      return false;
+    });
+  });
+}
+
+// ------------------------------------------------------------------------------ perturb_
+void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList means,
+                 at::TensorList precisions, at::TensorList u_sums, double rho,
+                 const std::optional<at::Tensor>& inv_scale, bool first_part, const at::Tensor& found_inf) {
+  check_perturb_args(params, grads, means, precisions, u_sums, inv_scale, found_inf, at::kCPU);
+  if (params.empty()) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "bsam_perturb", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const opmath_t r = static_cast<opmath_t>(rho);
+    const bool scaled = inv_scale.has_value();
+    const opmath_t inv = scaled ? static_cast<opmath_t>(inv_scale->item<float>()) : opmath_t(1);
+    const bool found = parallel_chunks(params, [&](const Chunk& c) {
+      scalar_t* p = ptr<scalar_t>(params[c.tensor]);
+      scalar_t* grad = ptr<scalar_t>(grads[c.tensor]);
+      const opmath_t* w = ptr<opmath_t>(means[c.tensor]);
+      const opmath_t* s = ptr<opmath_t>(precisions[c.tensor]);
+      opmath_t* u = ptr<opmath_t>(u_sums[c.tensor]);
+      bool bad = false;
+      for (int64_t j = c.begin; j < c.end; ++j) {
+        opmath_t g = static_cast<opmath_t>(grad[j]);
+        if (scaled) g = g * inv;
+        bad |= non_finite(g);
+        const opmath_t magnitude = gradient_magnitude(s[j], g);
+        u[j] = first_part ? magnitude : u[j] + magnitude;
+        p[j] = static_cast<scalar_t>(perturbed_point(w[j], s[j], g, r));
+        grad[j] = scalar_t(0);
+      }
+      return bad;
+    });
+    raise_flag(found_inf, found);
+  });
+}
+
+// ------------------------------------------------------------------------------ accumulate_
+void accumulate_cpu(at::TensorList grad_sums, at::TensorList grads, bool first_part,
+                    const at::Tensor& found_inf) {
+  check_accumulate_args(grad_sums, grads, found_inf, at::kCPU);
+  if (grads.empty()) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads[0].scalar_type(), "bsam_accumulate", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const bool found = parallel_chunks(grads, [&](const Chunk& c) {
+      opmath_t* total = ptr<opmath_t>(grad_sums[c.tensor]);
+      scalar_t* grad = ptr<scalar_t>(grads[c.tensor]);
+      bool bad = false;
+      for (int64_t j = c.begin; j < c.end; ++j) {
+        const opmath_t g = static_cast<opmath_t>(grad[j]);
+        bad |= non_finite(g);
+        total[j] = first_part ? g : total[j] + g;
+        grad[j] = scalar_t(0);
+      }
+      return bad;
+    });
+    raise_flag(found_inf, found);
+  });
+}
+
+// ------------------------------------------------------------------------------ check_finite_
+void check_finite_cpu(at::TensorList tensors, const at::Tensor& found_inf) {
+  check_found_inf(found_inf, at::kCPU, tensors.empty() ? at::Device(at::kCPU) : tensors[0].device());
+  check_same_device_contiguous(tensors, "tensors", at::kCPU);
+  if (tensors.empty()) return;
+  check_same_dtype(tensors, tensors[0].scalar_type(), "tensors");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tensors[0].scalar_type(), "bsam_check_finite", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const bool found = parallel_chunks(tensors, [&](const Chunk& c) {
+      const scalar_t* x = ptr<scalar_t>(tensors[c.tensor]);
+      bool bad = false;
+      for (int64_t j = c.begin; j < c.end; ++j) bad |= non_finite(static_cast<opmath_t>(x[j]));
+      return bad;
+    });
+    raise_flag(found_inf, found);
+  });
+}
+
+// ------------------------------------------------------------------------------ update_
+void update_cpu(at::TensorList params, at::TensorList means, at::TensorList momenta,
+                at::TensorList precisions, at::TensorList grads, at::TensorList u_sums,
+                const std::optional<at::Tensor>& grad_factor_tensor, double grad_factor,
+                double u_factor, double lr, double beta1, double beta2, double weight_decay,
+                double damping, bool write_mean) {
+  check_update_args(params, means, momenta, precisions, grads, u_sums, grad_factor_tensor, at::kCPU);
+  if (params.empty()) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "bsam_update", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const bool grads_are_sums = grads[0].scalar_type() != params[0].scalar_type();
+    const opmath_t factor = static_cast<opmath_t>(
+        grad_factor_tensor ? grad_factor_tensor->item<double>() : grad_factor);
+    const opmath_t uf = static_cast<opmath_t>(u_factor);
+    const UpdateCoefficients<opmath_t> coef{
+        static_cast<opmath_t>(lr), static_cast<opmath_t>(beta1), static_cast<opmath_t>(1.0 - beta1),
+        static_cast<opmath_t>(beta2), static_cast<opmath_t>(1.0 - beta2),
+        static_cast<opmath_t>(weight_decay), static_cast<opmath_t>(damping)};
+    parallel_chunks(params, [&](const Chunk& c) {
+      scalar_t* p = ptr<scalar_t>(params[c.tensor]);
+      opmath_t* w = ptr<opmath_t>(means[c.tensor]);
+      opmath_t* gm = ptr<opmath_t>(momenta[c.tensor]);
+      opmath_t* s = ptr<opmath_t>(precisions[c.tensor]);
+      const opmath_t* u = ptr<opmath_t>(u_sums[c.tensor]);
+      const void* grad = grads[c.tensor].data_ptr();
+      for (int64_t j = c.begin; j < c.end; ++j) {
+        const opmath_t g_raw = grads_are_sums ? static_cast<const opmath_t*>(grad)[j]
+                                              : static_cast<opmath_t>(static_cast<const scalar_t*>(grad)[j]);
+        opmath_t w_j = w[j], gm_j = gm[j], s_j = s[j];
+        posterior_update(w_j, gm_j, s_j, g_raw * factor, u[j] * uf, coef);
+        gm[j] = gm_j;
+        s[j] = s_j;
+        if (write_mean) w[j] = w_j;
+        p[j] = static_cast<scalar_t>(w_j);
+      }
+      return false;
+    });
+  });
+}
+
+// ------------------------------------------------------------------------------ normal_
+void normal_cpu(at::TensorList out, at::IntArrayRef bases, int64_t seed, int64_t offset) {
+  check_same_device_contiguous(out, "out", at::kCPU);
+  check_same_dtype(out, at::kFloat, "out");
+  check_bases(bases, out.size());
+  parallel_chunks(out, [&](const Chunk& c) {
+    float* z = ptr<float>(out[c.tensor]);
+    for (int64_t j = c.begin; j < c.end; j += kTile) {
+      stream_tile(static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), bases[c.tensor] + j,
+                  std::min(kTile, c.end - j), z + j);
+    }
+    return false;
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(bsam_fast, CPU, m) {
+  m.impl("sample_", &sample_cpu);
+  m.impl("perturb_", &perturb_cpu);
+  m.impl("accumulate_", &accumulate_cpu);
+  m.impl("check_finite_", &check_finite_cpu);
+  m.impl("update_", &update_cpu);
+  m.impl("normal_", &normal_cpu);
+}
+
+}  // namespace bsam

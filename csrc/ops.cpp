@@ -1,0 +1,33 @@
+// ops.cpp -- the schemas of every bsam_fast op, in one place.
+//
+// Each op is one phase of a bSAM step over a whole list of tensors (one device, one
+// dtype); mutated arguments are marked (a!). Implementations are registered per dispatch
+// key beside their kernels: csrc/cpu/bsam_cpu.cpp (CPU), csrc/cuda/bsam_cuda.cu (CUDA).
+// The Python wrappers and fake (meta) implementations are in bsam_fast/_ops.py.
+#include <torch/library.h>
+
+TORCH_LIBRARY(bsam_fast, m) {
+  // params := means + xi / sqrt(num_data * precisions), xi from the Philox stream
+  // (seed, offset, bases[i] + element) or from `noise`. load_mean: first means := params.
+  m.def("sample_(Tensor(a!)[] params, Tensor(b!)[] means, Tensor[] precisions, int[] bases, "
+        "float num_data, int seed, int offset, bool load_mean, Tensor[]? noise) -> ()");
+  // u_sums (+)= sqrt(s) * |g|;  params := means + rho * g / s;  grads := 0, with
+  // g = grads * inv_scale. found_inf := 1 if a gradient holds inf or NaN.
+  m.def("perturb_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor[] means, Tensor[] precisions, "
+        "Tensor(c!)[] u_sums, float rho, Tensor? inv_scale, bool first_part, "
+        "Tensor(d!) found_inf) -> ()");
+  // grad_sums (+)= grads;  grads := 0;  found_inf as above.
+  m.def("accumulate_(Tensor(a!)[] grad_sums, Tensor(b!)[] grads, bool first_part, "
+        "Tensor(c!) found_inf) -> ()");
+  // found_inf := 1 if a tensor holds inf or NaN.
+  m.def("check_finite_(Tensor[] tensors, Tensor(a!) found_inf) -> ()");
+  // Momentum, mean and precision update; params := new mean. g = grads * factor with
+  // factor = grad_factor_tensor[0] if given else grad_factor; u = u_sums * u_factor.
+  // write_mean: also store the new mean in `means` (fp32 masters of bf16/fp16 params).
+  m.def("update_(Tensor(a!)[] params, Tensor(b!)[] means, Tensor(c!)[] momenta, "
+        "Tensor(d!)[] precisions, Tensor[] grads, Tensor[] u_sums, Tensor? grad_factor_tensor, "
+        "float grad_factor, float u_factor, float lr, float beta1, float beta2, "
+        "float weight_decay, float damping, bool write_mean) -> ()");
+  // The stream's normals for each tensor (float32), for tests and tools.
+  m.def("normal_(Tensor(a!)[] out, int[] bases, int seed, int offset) -> ()");
+}
