@@ -48,13 +48,13 @@ inline void check_like(at::TensorList params, at::TensorList other, const char* 
   check_same_dtype(other, dtype, name);
 }
 
-inline void check_params(at::TensorList params, at::DeviceType device) {
-  check_same_device_contiguous(params, "params", device);
+inline void check_params(at::TensorList params, at::DeviceType device, const char* name = "params") {
+  check_same_device_contiguous(params, name, device);
   if (params.empty()) return;
   const auto dtype = params[0].scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
-              "bsam_fast: params must be float32, float64, float16 or bfloat16, got ", dtype);
-  check_same_dtype(params, dtype, "params");
+              "bsam_fast: ", name, " must be float32, float64, float16 or bfloat16, got ", dtype);
+  check_same_dtype(params, dtype, name);
 }
 
 inline void check_found_inf(const at::Tensor& found_inf, at::DeviceType device, at::Device where) {
@@ -109,7 +109,7 @@ inline void check_perturb_args(at::TensorList params, at::TensorList grads, at::
 
 inline void check_accumulate_args(at::TensorList grad_sums, at::TensorList grads, const at::Tensor& found_inf,
                                   at::DeviceType device) {
-  check_params(grads, device);
+  check_params(grads, device, "grads");
   if (grads.empty()) return;
   check_like(grads, grad_sums, "grad_sums", opmath_of(grads[0].scalar_type()), device);
   check_found_inf(found_inf, device, grads[0].device());

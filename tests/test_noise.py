@@ -5,7 +5,8 @@ import scipy.stats
 import torch
 
 from bsam_fast import BSAM
-from bsam_fast.noise import noise_bases, normal_like, philox4x32
+from bsam_fast import _ops
+from bsam_fast.noise import noise_bases, normal_like, philox4x32, sqrt_rn
 from numpy_philox import normals, philox4x32_10
 
 SEED = 0x1234_5678_9ABC_DEF0
@@ -25,13 +26,37 @@ def test_philox_known_answers():
 
 @pytest.mark.parametrize("offset", [0, 1, 2 ** 32 + 5])
 def test_torch_stream_equals_numpy_definition(offset):
-    shapes = [(3, 5), (7,), (1,), (4, 4, 3)]
+    shapes = [(3, 5), (7,), (1,), (4, 4, 3), (300, 333)]
     tensors = [torch.empty(s) for s in shapes]
     bases = noise_bases([t.numel() for t in tensors])
     got = normal_like(tensors, bases, SEED, offset)
     for t, base, z in zip(tensors, bases, got):
         want = normals(SEED, offset, base, t.numel()).reshape(t.shape)
         np.testing.assert_array_equal(z.numpy(), want)       # bit for bit
+
+
+@pytest.mark.skipif(not _ops.has_kernel("cpu"), reason="CPU kernels not built")
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cpu_kernel_draws_the_numpy_numbers(threads):
+    """The C++ kernel's draws equal the NumPy definition (fp32: bit for bit, so surely
+    within the 1e-6 the issue asks), whatever the thread count or tensor boundaries."""
+    shapes = [(70001,), (5, 3), (1,), (256, 129)]
+    tensors = [torch.empty(s) for s in shapes]
+    bases = noise_bases([t.numel() for t in tensors])
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = _ops.normal(tensors, bases, SEED, 2 ** 40 + 3)
+    finally:
+        torch.set_num_threads(old)
+    for t, base, z in zip(tensors, bases, got):
+        want = normals(SEED, 2 ** 40 + 3, base, t.numel()).reshape(t.shape)
+        np.testing.assert_array_equal(z.numpy(), want)
+
+
+def test_sqrt_is_correctly_rounded():
+    x = torch.rand(200_000) * 100
+    np.testing.assert_array_equal(sqrt_rn(x).numpy(), np.sqrt(x.numpy()))
 
 
 def test_draws_do_not_depend_on_how_tensors_are_grouped():

@@ -162,9 +162,8 @@ void accumulate_cpu(at::TensorList grad_sums, at::TensorList grads, bool first_p
 // ------------------------------------------------------------------------------ check_finite_
 void check_finite_cpu(at::TensorList tensors, const at::Tensor& found_inf) {
   check_found_inf(found_inf, at::kCPU, tensors.empty() ? at::Device(at::kCPU) : tensors[0].device());
-  check_same_device_contiguous(tensors, "tensors", at::kCPU);
+  check_params(tensors, at::kCPU, "tensors");
   if (tensors.empty()) return;
-  check_same_dtype(tensors, tensors[0].scalar_type(), "tensors");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tensors[0].scalar_type(), "bsam_check_finite", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const bool found = parallel_chunks(tensors, [&](const Chunk& c) {
