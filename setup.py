@@ -44,9 +44,9 @@ def _extensions():
         print("bsam-fast: no C++ compiler found; building no kernels", file=sys.stderr)
         return [], {}
     arch = os.environ.get("BSAM_CPU_ARCH", "native")
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off"]
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"]
     if arch:
-        cxx_flags.append(f"-march={arch}")
+        cxx_flags += [f"-march={arch}", "-mprefer-vector-width=512"]
     sources = [s for s in CPU_SOURCES]
     define_macros = []
     extra = {"cxx": cxx_flags}

@@ -42,11 +42,9 @@ class ForeachBackend(Backend):
     def perturb(self, b: Bucket, grads: list[Tensor], rho: float,
                 inv_scale: Optional[Tensor], first_part: bool, found_inf: Tensor) -> None:
         g = _as_opmath(grads, b.means)
-        if g is grads:
-            g = [t.clone() for t in grads] if inv_scale is not None else grads
         mark_non_finite(g, found_inf)
         if inv_scale is not None:
-            torch._foreach_mul_(g, inv_scale)
+            g = torch._foreach_mul(g, inv_scale)
         sqrt_s = torch._foreach_sqrt(b.precisions)
         magnitude = torch._foreach_abs(g)
         torch._foreach_mul_(magnitude, sqrt_s)            # sqrt(s) * |g|
@@ -58,7 +56,6 @@ class ForeachBackend(Backend):
         torch._foreach_div_(e, b.precisions)              # rho * g / s
         torch._foreach_add_(e, b.means)
         torch._foreach_copy_(b.params, e)
-        torch._foreach_zero_(grads)
 
     def accumulate(self, grad_sums: list[Tensor], grads: list[Tensor], first_part: bool,
                    found_inf: Tensor) -> None:
@@ -67,7 +64,6 @@ class ForeachBackend(Backend):
             torch._foreach_copy_(grad_sums, grads)
         else:
             torch._foreach_add_(grad_sums, _as_opmath(grads, grad_sums))
-        torch._foreach_zero_(grads)
 
     def check_finite(self, grads: list[Tensor], found_inf: Tensor) -> None:
         mark_non_finite(grads, found_inf)

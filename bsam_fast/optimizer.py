@@ -283,8 +283,8 @@ class BSAM(Optimizer):
     @torch.no_grad()
     def perturb(self, grad_scaler=None) -> None:
         """Phase 2 of a part: read the gradient g at the noisy point, move the parameters to
-        w + rho * g / s, and zero the gradients so that the next backward() gives the
-        perturbed gradient alone. Parameters without a gradient go back to the mean and
+        w + rho * g / s, and set ``.grad = None`` (as ``zero_grad()`` does) so that the
+        next backward() gives the perturbed gradient alone. Parameters without a gradient go back to the mean and
         sit out the rest of the step.
 
         ``grad_scaler``: the enabled ``torch.amp.GradScaler`` that scaled this backward.
@@ -322,6 +322,8 @@ class BSAM(Optimizer):
                 scale = None if inv_scale is None else inv_scale.to(b.device)
                 self._backend.perturb(b, [p.grad for p in b.params], group["rho"], scale,
                                       first_part, self._found_flag("noisy", b.device))
+            for p in params:
+                p.grad = None        # consumed: the next backward() gives h alone
         self._parts += 1
         self._phase = _PERTURBED
 
@@ -339,6 +341,8 @@ class BSAM(Optimizer):
                 self._backend.accumulate([self._scratch[p]["grad_sum"] for p in ps],
                                          [p.grad for p in ps], self._parts == 1,
                                          self._found_flag("perturbed", device))
+                for p in ps:
+                    p.grad = None
 
     def _check_perturbed_gradients(self) -> None:
         for params in self._active:

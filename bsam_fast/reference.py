@@ -86,14 +86,12 @@ class ReferenceBackend(Backend):
             magnitude = gradient_magnitude(s, g)
             u.copy_(magnitude if first_part else u + magnitude)
             p.copy_(perturbed_point(w, s, g, rho))
-            grad.zero_()
 
     def accumulate(self, grad_sums: list[Tensor], grads: list[Tensor], first_part: bool,
                    found_inf: Tensor) -> None:
         mark_non_finite(grads, found_inf)
         for total, grad in zip(grad_sums, grads):
             total.copy_(grad if first_part else total + grad.to(total.dtype))
-            grad.zero_()
 
     def check_finite(self, grads: list[Tensor], found_inf: Tensor) -> None:
         mark_non_finite(grads, found_inf)

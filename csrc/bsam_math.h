@@ -50,13 +50,20 @@ BSAM_HD uint4x32 philox4x32_10(uint4x32 c, uint32_t k0, uint32_t k1) {
 }
 
 // ---------------------------------------------------------------- float32 transforms
+// Bit casts that keep loops vectorisable on the host (no memory round trip).
 BSAM_HD float bits_to_float(uint32_t bits) {
-  union { uint32_t u; float f; } v{bits};
-  return v.f;
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(bits);
+#else
+  return __builtin_bit_cast(float, bits);
+#endif
 }
 BSAM_HD uint32_t float_to_bits(float f) {
-  union { float f; uint32_t u; } v{f};
-  return v.u;
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  return __builtin_bit_cast(uint32_t, f);
+#endif
 }
 
 // u in (0, 1), exactly ((x >> 9) + 0.5) * 2^-23.
@@ -64,15 +71,15 @@ BSAM_HD float uniform_open01(uint32_t x) {
   return (static_cast<float>(x >> 9) + 0.5f) * 1.1920928955078125e-07f;
 }
 
-// Natural log of a positive normal float (Cephes logf), branch-free.
+// Natural log of a positive normal float (Cephes logf). Selects instead of branches, so
+// that loops over it vectorise.
 BSAM_HD float cephes_logf(float u) {
   const uint32_t bits = float_to_bits(u);
-  int e = static_cast<int>((bits >> 23) & 0xFFu) - 126;
   const float m = bits_to_float((bits & 0x007FFFFFu) | 0x3F000000u);  // u = m * 2^e
   const bool small = m < 0.707106781186547524f;
-  e = small ? e - 1 : e;
+  const int e = static_cast<int>((bits >> 23) & 0xFFu) - 126 - (small ? 1 : 0);
   const float fe = static_cast<float>(e);
-  float x = small ? (m + m) - 1.0f : m - 1.0f;
+  float x = (small ? m + m : m) - 1.0f;
   const float z = x * x;
   float y = 7.0376836292e-2f;
   y = y * x + -1.1514610310e-1f;
@@ -90,18 +97,30 @@ BSAM_HD float cephes_logf(float u) {
   return x + fe * 0.693359375f;
 }
 
+struct SinCos { float sin, cos; };
+
 // sin and cos of 2*pi*u for u in [0, 1): exact quadrant reduction, Cephes polynomials.
-BSAM_HD void sincos_2pi(float u, float& sin_out, float& cos_out) {
+BSAM_HD SinCos sincos_2pi(float u) {
   const float v = u * 4.0f;
-  const float q = floorf(v + 0.5f);
+  // floor(v + 0.5) as a truncating conversion (v + 0.5 > 0): vectorises where floorf won't.
+  const int quadrant_index = static_cast<int>(v + 0.5f);
+  const float q = static_cast<float>(quadrant_index);
   const float x = (v - q) * 1.5707963267948966f;
   const float z = x * x;
   const float s = ((-1.9515295891e-4f * z + 8.3321608736e-3f) * z + -1.6666654611e-1f) * z * x + x;
   const float c = (((2.443315711809948e-5f * z + -1.388731625493765e-3f) * z +
                     4.166664568298827e-2f) * z) * z - z * 0.5f + 1.0f;
-  const int quadrant = static_cast<int>(q) & 3;
-  sin_out = quadrant == 0 ? s : quadrant == 1 ? c : quadrant == 2 ? -s : -c;
-  cos_out = quadrant == 0 ? c : quadrant == 1 ? -s : quadrant == 2 ? -c : s;
+  // angle = quadrant * pi/2 + x: odd quadrants swap sin and cos; signs flip by quadrant.
+  const int quadrant = quadrant_index & 3;
+  const bool swap = (quadrant & 1) != 0;
+  const float sin_sign = (quadrant & 2) ? -1.0f : 1.0f;
+  const float cos_sign = ((quadrant + 1) & 2) ? -1.0f : 1.0f;
+  return SinCos{(swap ? c : s) * sin_sign, (swap ? s : c) * cos_sign};
+}
+
+// sqrt(-2 log u): the Box-Muller radius (sqrtf is IEEE-exact everywhere).
+BSAM_HD float box_muller_radius(uint32_t x) {
+  return sqrtf(cephes_logf(uniform_open01(x)) * -2.0f);
 }
 
 // The four standard normals of Philox block `block` in draw `offset`.
@@ -111,11 +130,10 @@ BSAM_HD void normal4(uint64_t seed, uint64_t offset, uint64_t block, float out[4
   const uint4x32 r = philox4x32_10(counter, static_cast<uint32_t>(seed),
                                    static_cast<uint32_t>(seed >> 32));
   for (int pair = 0; pair < 2; ++pair) {
-    const float radius = sqrtf(cephes_logf(uniform_open01(r.x[2 * pair])) * -2.0f);
-    float s, c;
-    sincos_2pi(uniform_open01(r.x[2 * pair + 1]), s, c);
-    out[2 * pair] = radius * c;
-    out[2 * pair + 1] = radius * s;
+    const float radius = box_muller_radius(r.x[2 * pair]);
+    const SinCos angle = sincos_2pi(uniform_open01(r.x[2 * pair + 1]));
+    out[2 * pair] = radius * angle.cos;
+    out[2 * pair + 1] = radius * angle.sin;
   }
 }
 
@@ -143,8 +161,18 @@ BSAM_HD void posterior_update(T& w, T& gm, T& s, T g, T u, const UpdateCoefficie
   s = k.beta2 * s + k.one_minus_beta2 * ((u + k.damping) + k.weight_decay);
 }
 
-// true for inf and NaN; branch-free so loops stay vectorisable (x - x is NaN for both).
-template <typename T>
-BSAM_HD bool non_finite(T x) { return !((x - x) == (x - x)); }
+// 1 for inf and NaN (all exponent bits set), else 0: integer arithmetic, so an
+// OR-reduction over a loop vectorises.
+BSAM_HD uint32_t non_finite(float x) {
+  return (float_to_bits(x) & 0x7F800000u) == 0x7F800000u;
+}
+BSAM_HD uint32_t non_finite(double x) {
+#if defined(__CUDA_ARCH__)
+  const uint64_t bits = static_cast<uint64_t>(__double_as_longlong(x));
+#else
+  const uint64_t bits = __builtin_bit_cast(uint64_t, x);
+#endif
+  return (bits & 0x7FF0000000000000ull) == 0x7FF0000000000000ull;
+}
 
 }  // namespace bsam

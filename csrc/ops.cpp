@@ -11,14 +11,14 @@ TORCH_LIBRARY(bsam_fast, m) {
   // (seed, offset, bases[i] + element) or from `noise`. load_mean: first means := params.
   m.def("sample_(Tensor(a!)[] params, Tensor(b!)[] means, Tensor[] precisions, int[] bases, "
         "float num_data, int seed, int offset, bool load_mean, Tensor[]? noise) -> ()");
-  // u_sums (+)= sqrt(s) * |g|;  params := means + rho * g / s;  grads := 0, with
-  // g = grads * inv_scale. found_inf := 1 if a gradient holds inf or NaN.
-  m.def("perturb_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor[] means, Tensor[] precisions, "
-        "Tensor(c!)[] u_sums, float rho, Tensor? inv_scale, bool first_part, "
-        "Tensor(d!) found_inf) -> ()");
-  // grad_sums (+)= grads;  grads := 0;  found_inf as above.
-  m.def("accumulate_(Tensor(a!)[] grad_sums, Tensor(b!)[] grads, bool first_part, "
+  // u_sums (+)= sqrt(s) * |g|;  params := means + rho * g / s, with g = grads * inv_scale.
+  // found_inf := 1 if a gradient holds inf or NaN. (The caller then drops the gradients.)
+  m.def("perturb_(Tensor(a!)[] params, Tensor[] grads, Tensor[] means, Tensor[] precisions, "
+        "Tensor(b!)[] u_sums, float rho, Tensor? inv_scale, bool first_part, "
         "Tensor(c!) found_inf) -> ()");
+  // grad_sums (+)= grads;  found_inf as above.
+  m.def("accumulate_(Tensor(a!)[] grad_sums, Tensor[] grads, bool first_part, "
+        "Tensor(b!) found_inf) -> ()");
   // found_inf := 1 if a tensor holds inf or NaN.
   m.def("check_finite_(Tensor[] tensors, Tensor(a!) found_inf) -> ()");
   // Momentum, mean and precision update; params := new mean. g = grads * factor with

@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <type_traits>
 #include <vector>
 
 #include "../bsam_math.h"
@@ -69,7 +70,34 @@ void stream_tile(uint64_t seed, uint64_t offset, int64_t first_index, int64_t n,
   for (int64_t k = 0; k < n; ++k) z[k] = static_cast<T>(tmp[k]);
 }
 
+// Dispatches a runtime bool to a compile-time one, so inner loops carry no branches.
+template <typename Fn>
+void with_flag(bool flag, const Fn& fn) {
+  if (flag) fn(std::true_type{}); else fn(std::false_type{});
+}
+
 // ------------------------------------------------------------------------------ sample_
+template <typename scalar_t, typename opmath_t, bool kLoadMean>
+void sample_chunk(scalar_t* __restrict__ p, opmath_t* __restrict__ w, const opmath_t* __restrict__ s,
+                  const opmath_t* __restrict__ xi_given, int64_t begin, int64_t end, int64_t base,
+                  opmath_t n_data, uint64_t seed, uint64_t offset) {
+  alignas(64) opmath_t z[kTile];
+  for (int64_t j = begin; j < end; j += kTile) {
+    const int64_t n = std::min(kTile, end - j);
+    const opmath_t* xi = z;
+    if (xi_given) {
+      xi = xi_given + j;
+    } else {
+      stream_tile(seed, offset, base + j, n, z);
+    }
+    for (int64_t k = 0; k < n; ++k) {
+      const opmath_t mean = kLoadMean ? static_cast<opmath_t>(p[j + k]) : w[j + k];
+      if (kLoadMean) w[j + k] = mean;
+      p[j + k] = static_cast<scalar_t>(noisy_point(mean, s[j + k], xi[k], n_data));
+    }
+  }
+}
+
 void sample_cpu(at::TensorList params, at::TensorList means, at::TensorList precisions,
                 at::IntArrayRef bases, double num_data, int64_t seed, int64_t offset,
                 bool load_mean, std::optional<at::TensorList> noise) {
@@ -78,32 +106,34 @@ void sample_cpu(at::TensorList params, at::TensorList means, at::TensorList prec
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "bsam_sample", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const opmath_t n_data = static_cast<opmath_t>(num_data);
-    parallel_chunks(params, [&](const Chunk& c) {
-      scalar_t* p = ptr<scalar_t>(params[c.tensor]);
-      opmath_t* w = ptr<opmath_t>(means[c.tensor]);
-      const opmath_t* s = ptr<opmath_t>(precisions[c.tensor]);
-      const opmath_t* xi_given = noise ? ptr<opmath_t>((*noise)[c.tensor]) : nullptr;
-      opmath_t z[kTile];
-      for (int64_t j = c.begin; j < c.end; j += kTile) {
-        const int64_t n = std::min(kTile, c.end - j);
-        if (xi_given) {
-          for (int64_t k = 0; k < n; ++k) z[k] = xi_given[j + k];
-        } else {
-          stream_tile(static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), bases[c.tensor] + j, n, z);
-        }
-        if (load_mean) {
-          for (int64_t k = 0; k < n; ++k) w[j + k] = static_cast<opmath_t>(p[j + k]);
-        }
-        for (int64_t k = 0; k < n; ++k) {
-          p[j + k] = static_cast<scalar_t>(noisy_point(w[j + k], s[j + k], z[k], n_data));
-        }
-      }
-      return false;
+    with_flag(load_mean, [&](auto kLoadMean) {
+      parallel_chunks(params, [&](const Chunk& c) {
+        sample_chunk<scalar_t, opmath_t, decltype(kLoadMean)::value>(
+            ptr<scalar_t>(params[c.tensor]), ptr<opmath_t>(means[c.tensor]),
+            ptr<opmath_t>(precisions[c.tensor]), noise ? ptr<opmath_t>((*noise)[c.tensor]) : nullptr,
+            c.begin, c.end, bases[c.tensor], n_data, static_cast<uint64_t>(seed), static_cast<uint64_t>(offset));
+        return false;
+      });
     });
   });
 }
 
 // ------------------------------------------------------------------------------ perturb_
+template <typename scalar_t, typename opmath_t, bool kFirstPart>
+bool perturb_chunk(scalar_t* __restrict__ p, const scalar_t* __restrict__ grad, const opmath_t* __restrict__ w,
+                   const opmath_t* __restrict__ s, opmath_t* __restrict__ u, int64_t begin, int64_t end,
+                   opmath_t rho, opmath_t inv_scale) {
+  uint32_t bad = 0;
+  for (int64_t j = begin; j < end; ++j) {
+    const opmath_t g = static_cast<opmath_t>(grad[j]) * inv_scale;
+    bad |= non_finite(g);
+    const opmath_t magnitude = gradient_magnitude(s[j], g);
+    u[j] = kFirstPart ? magnitude : u[j] + magnitude;
+    p[j] = static_cast<scalar_t>(perturbed_point(w[j], s[j], g, rho));
+  }
+  return bad != 0;
+}
+
 void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList means,
                  at::TensorList precisions, at::TensorList u_sums, double rho,
                  const std::optional<at::Tensor>& inv_scale, bool first_part, const at::Tensor& found_inf) {
@@ -111,28 +141,16 @@ void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList mea
   if (params.empty()) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "bsam_perturb", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
-    const opmath_t r = static_cast<opmath_t>(rho);
-    const bool scaled = inv_scale.has_value();
-    const opmath_t inv = scaled ? static_cast<opmath_t>(inv_scale->item<float>()) : opmath_t(1);
-    const bool found = parallel_chunks(params, [&](const Chunk& c) {
-      scalar_t* p = ptr<scalar_t>(params[c.tensor]);
-      scalar_t* grad = ptr<scalar_t>(grads[c.tensor]);
-      const opmath_t* w = ptr<opmath_t>(means[c.tensor]);
-      const opmath_t* s = ptr<opmath_t>(precisions[c.tensor]);
-      opmath_t* u = ptr<opmath_t>(u_sums[c.tensor]);
-      bool bad = false;
-      for (int64_t j = c.begin; j < c.end; ++j) {
-        opmath_t g = static_cast<opmath_t>(grad[j]);
-        if (scaled) g = g * inv;
-        bad |= non_finite(g);
-        const opmath_t magnitude = gradient_magnitude(s[j], g);
-        u[j] = first_part ? magnitude : u[j] + magnitude;
-        p[j] = static_cast<scalar_t>(perturbed_point(w[j], s[j], g, r));
-        grad[j] = scalar_t(0);
-      }
-      return bad;
+    // Unscaled gradients are multiplied by exactly 1, which changes no bit.
+    const opmath_t inv = inv_scale ? static_cast<opmath_t>(inv_scale->item<float>()) : opmath_t(1);
+    with_flag(first_part, [&](auto kFirstPart) {
+      raise_flag(found_inf, parallel_chunks(params, [&](const Chunk& c) {
+        return perturb_chunk<scalar_t, opmath_t, decltype(kFirstPart)::value>(
+            ptr<scalar_t>(params[c.tensor]), ptr<scalar_t>(grads[c.tensor]), ptr<opmath_t>(means[c.tensor]),
+            ptr<opmath_t>(precisions[c.tensor]), ptr<opmath_t>(u_sums[c.tensor]), c.begin, c.end,
+            static_cast<opmath_t>(rho), inv);
+      }));
     });
-    raise_flag(found_inf, found);
   });
 }
 
@@ -143,40 +161,52 @@ void accumulate_cpu(at::TensorList grad_sums, at::TensorList grads, bool first_p
   if (grads.empty()) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads[0].scalar_type(), "bsam_accumulate", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
-    const bool found = parallel_chunks(grads, [&](const Chunk& c) {
-      opmath_t* total = ptr<opmath_t>(grad_sums[c.tensor]);
-      scalar_t* grad = ptr<scalar_t>(grads[c.tensor]);
-      bool bad = false;
+    raise_flag(found_inf, parallel_chunks(grads, [&](const Chunk& c) {
+      opmath_t* __restrict__ total = ptr<opmath_t>(grad_sums[c.tensor]);
+      const scalar_t* __restrict__ grad = ptr<scalar_t>(grads[c.tensor]);
+      uint32_t bad = 0;
       for (int64_t j = c.begin; j < c.end; ++j) {
         const opmath_t g = static_cast<opmath_t>(grad[j]);
         bad |= non_finite(g);
         total[j] = first_part ? g : total[j] + g;
-        grad[j] = scalar_t(0);
       }
-      return bad;
-    });
-    raise_flag(found_inf, found);
+      return bad != 0;
+    }));
   });
 }
 
 // ------------------------------------------------------------------------------ check_finite_
 void check_finite_cpu(at::TensorList tensors, const at::Tensor& found_inf) {
-  check_found_inf(found_inf, at::kCPU, tensors.empty() ? at::Device(at::kCPU) : tensors[0].device());
   check_params(tensors, at::kCPU, "tensors");
   if (tensors.empty()) return;
+  check_found_inf(found_inf, at::kCPU, tensors[0].device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tensors[0].scalar_type(), "bsam_check_finite", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
-    const bool found = parallel_chunks(tensors, [&](const Chunk& c) {
-      const scalar_t* x = ptr<scalar_t>(tensors[c.tensor]);
-      bool bad = false;
+    raise_flag(found_inf, parallel_chunks(tensors, [&](const Chunk& c) {
+      const scalar_t* __restrict__ x = ptr<scalar_t>(tensors[c.tensor]);
+      uint32_t bad = 0;
       for (int64_t j = c.begin; j < c.end; ++j) bad |= non_finite(static_cast<opmath_t>(x[j]));
-      return bad;
-    });
-    raise_flag(found_inf, found);
+      return bad != 0;
+    }));
   });
 }
 
 // ------------------------------------------------------------------------------ update_
+template <typename scalar_t, typename opmath_t, typename grad_t, bool kWriteMean>
+void update_chunk(scalar_t* __restrict__ p, opmath_t* __restrict__ w, opmath_t* __restrict__ gm,
+                  opmath_t* __restrict__ s, const grad_t* __restrict__ grad, const opmath_t* __restrict__ u,
+                  int64_t begin, int64_t end, opmath_t grad_factor, opmath_t u_factor,
+                  const UpdateCoefficients<opmath_t>& coef) {
+  for (int64_t j = begin; j < end; ++j) {
+    opmath_t w_j = w[j], gm_j = gm[j], s_j = s[j];
+    posterior_update(w_j, gm_j, s_j, static_cast<opmath_t>(grad[j]) * grad_factor, u[j] * u_factor, coef);
+    gm[j] = gm_j;
+    s[j] = s_j;
+    if (kWriteMean) w[j] = w_j;
+    p[j] = static_cast<scalar_t>(w_j);
+  }
+}
+
 void update_cpu(at::TensorList params, at::TensorList means, at::TensorList momenta,
                 at::TensorList precisions, at::TensorList grads, at::TensorList u_sums,
                 const std::optional<at::Tensor>& grad_factor_tensor, double grad_factor,
@@ -189,29 +219,21 @@ void update_cpu(at::TensorList params, at::TensorList means, at::TensorList mome
     const bool grads_are_sums = grads[0].scalar_type() != params[0].scalar_type();
     const opmath_t factor = static_cast<opmath_t>(
         grad_factor_tensor ? grad_factor_tensor->item<double>() : grad_factor);
-    const opmath_t uf = static_cast<opmath_t>(u_factor);
     const UpdateCoefficients<opmath_t> coef{
         static_cast<opmath_t>(lr), static_cast<opmath_t>(beta1), static_cast<opmath_t>(1.0 - beta1),
         static_cast<opmath_t>(beta2), static_cast<opmath_t>(1.0 - beta2),
         static_cast<opmath_t>(weight_decay), static_cast<opmath_t>(damping)};
-    parallel_chunks(params, [&](const Chunk& c) {
-      scalar_t* p = ptr<scalar_t>(params[c.tensor]);
-      opmath_t* w = ptr<opmath_t>(means[c.tensor]);
-      opmath_t* gm = ptr<opmath_t>(momenta[c.tensor]);
-      opmath_t* s = ptr<opmath_t>(precisions[c.tensor]);
-      const opmath_t* u = ptr<opmath_t>(u_sums[c.tensor]);
-      const void* grad = grads[c.tensor].data_ptr();
-      for (int64_t j = c.begin; j < c.end; ++j) {
-        const opmath_t g_raw = grads_are_sums ? static_cast<const opmath_t*>(grad)[j]
-                                              : static_cast<opmath_t>(static_cast<const scalar_t*>(grad)[j]);
-        opmath_t w_j = w[j], gm_j = gm[j], s_j = s[j];
-        posterior_update(w_j, gm_j, s_j, g_raw * factor, u[j] * uf, coef);
-        gm[j] = gm_j;
-        s[j] = s_j;
-        if (write_mean) w[j] = w_j;
-        p[j] = static_cast<scalar_t>(w_j);
-      }
-      return false;
+    with_flag(write_mean, [&](auto kWriteMean) {
+      with_flag(grads_are_sums, [&](auto kSums) {
+        using grad_t = std::conditional_t<decltype(kSums)::value, opmath_t, scalar_t>;
+        parallel_chunks(params, [&](const Chunk& c) {
+          update_chunk<scalar_t, opmath_t, grad_t, decltype(kWriteMean)::value>(
+              ptr<scalar_t>(params[c.tensor]), ptr<opmath_t>(means[c.tensor]), ptr<opmath_t>(momenta[c.tensor]),
+              ptr<opmath_t>(precisions[c.tensor]), ptr<grad_t>(grads[c.tensor]), ptr<opmath_t>(u_sums[c.tensor]),
+              c.begin, c.end, factor, static_cast<opmath_t>(u_factor), coef);
+          return false;
+        });
+      });
     });
   });
 }
