@@ -27,27 +27,35 @@ constexpr int64_t kTile = 256;       // elements per inner loop (a multiple of 4
 
 struct Chunk {
   int64_t tensor, begin, end;
+  int64_t global_begin;  // position of `begin` in the concatenation of all tensors
 };
 
-std::vector<Chunk> make_chunks(at::TensorList tensors) {
+std::vector<Chunk> make_chunks(at::TensorList tensors, int64_t& total) {
   std::vector<Chunk> chunks;
+  total = 0;
   for (int64_t i = 0; i < static_cast<int64_t>(tensors.size()); ++i) {
     const int64_t n = tensors[i].numel();
     for (int64_t begin = 0; begin < n; begin += kChunk) {
-      chunks.push_back({i, begin, std::min(n, begin + kChunk)});
+      chunks.push_back({i, begin, std::min(n, begin + kChunk), total + begin});
     }
+    total += n;
   }
   return chunks;
 }
 
 // Runs fn(chunk) over every chunk in parallel; returns true if any call returned true.
+// Threads split the concatenated elements evenly (a chunk goes to the thread whose range
+// holds its first element), so a list of unequal tensors is balanced like one tensor.
 template <typename Fn>
 bool parallel_chunks(at::TensorList tensors, const Fn& fn) {
-  const std::vector<Chunk> chunks = make_chunks(tensors);
+  int64_t total = 0;
+  const std::vector<Chunk> chunks = make_chunks(tensors, total);
   std::atomic<bool> flagged{false};
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t first, int64_t last) {
+  at::parallel_for(0, total, kChunk, [&](int64_t first, int64_t last) {
+    auto it = std::lower_bound(chunks.begin(), chunks.end(), first,
+                               [](const Chunk& c, int64_t x) { return c.global_begin < x; });
     bool local = false;
-    for (int64_t c = first; c < last; ++c) local |= fn(chunks[c]);
+    for (; it != chunks.end() && it->global_begin < last; ++it) local |= fn(*it);
     if (local) flagged.store(true, std::memory_order_relaxed);
   });
   return flagged.load();

@@ -1,0 +1,373 @@
+"""Benchmarks of the bSAM optimizer work, against torch's fused and foreach AdamW.
+
+    python -m bsam_fast.bench [--device cpu|cuda] [--sizes 1e6 1e7] [--layouts one resnet20 ...]
+                              [--dtype float32] [--backends ...] [--json PATH] [--plot PATH]
+                              [--quick] [--end-to-end]
+
+What is timed: the optimizer's own work for one step, no forward/backward. For bSAM that
+is its three phases (sample_noise, perturb, step), each timed on its own with fresh
+gradients put in place (untimed) before perturb and step; for AdamW one ``step()``.
+Method: warm-up, then the median of ``--reps`` (>= 20) repetitions, with
+``torch.cuda.synchronize()`` around each timed region on CUDA.
+
+Bytes model (per element; P = parameter bytes, S = optimizer-state bytes, i.e. fp32 for
+bf16/fp16 parameters; m = 1; each input read once, each output written once):
+
+    sample   read p, s           write w (scratch mean), p          2P + 2S
+             (bf16/fp16: read the fp32 master w and s, write p:      P + 2S)
+    perturb  read g, w, s        write u, p                          2P + 3S
+    check    read g (the perturbed gradient, for inf/NaN)            P
+    update   read w, gm, s, g, u write gm, s, p (+ w for masters)    2P + 6S (+S)
+    AdamW    read p, g, m, v     write p, m, v                       3P + 4S
+
+so an fp32 bSAM step moves 72 bytes per parameter and an fp32 AdamW step 28. The copy
+bandwidth is that of one large ``copy_`` (bytes read + written) in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from . import BSAM, available_backends
+
+LAYOUTS = ("one", "resnet20", "transformer", "tiny")
+
+
+# ------------------------------------------------------------------ parameter layouts
+def _resnet20_shapes(width: int) -> list[tuple[int, ...]]:
+    from .models import ResNet20FRN
+    return [tuple(p.shape) for p in ResNet20FRN(width=width).parameters()]
+
+
+def _transformer_shapes(d: int, layers: int = 12) -> list[tuple[int, ...]]:
+    shapes = []
+    for _ in range(layers):
+        shapes += [(d,), (d,), (3 * d, d), (3 * d,), (d, d), (d,), (d,), (d,),
+                   (4 * d, d), (4 * d,), (d, 4 * d), (d,)]
+    return shapes
+
+
+def layout_shapes(layout: str, numel: int) -> list[tuple[int, ...]]:
+    """Shapes of a parameter list of about `numel` elements in the given layout."""
+    numel = int(numel)
+    if layout == "one":
+        return [(numel,)]
+    if layout == "resnet20":      # ResNet-20-FRN (0.27M at width 1), widened to the size
+        width = max(1, round(math.sqrt(numel / 273_258)))
+        return _resnet20_shapes(width)
+    if layout == "transformer":   # 12 pre-LN blocks (12 d^2 + 13 d parameters each)
+        d = max(8, int(math.sqrt(numel / 144)) // 8 * 8)
+        return _transformer_shapes(d)
+    if layout == "tiny":          # 400 tiny tensors of odd sizes
+        each = max(1, numel // 400)
+        return [(each + i % 3,) for i in range(400)]
+    raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+
+
+# ------------------------------------------------------------------ timing
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_ms(fn: Callable[[], None], device: torch.device, reps: int, warmup: int = 3,
+              setup: Optional[Callable[[], None]] = None) -> float:
+    """Median wall time of fn() in ms; setup() (untimed) runs before every call."""
+    times = []
+    for i in range(warmup + reps):
+        if setup is not None:
+            setup()
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def copy_bandwidth_gbps(device: torch.device, numel: int = 1 << 26, reps: int = 20) -> float:
+    """Device copy bandwidth: bytes read + written by a large fp32 copy_, per second."""
+    src = torch.randn(numel, device=device)
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src), device, reps)
+    return 2 * src.numel() * src.element_size() / ms / 1e6
+
+
+def bsam_bytes(numel: int, param_bytes: int, state_bytes: int) -> dict[str, int]:
+    P, S = param_bytes, state_bytes
+    master = P != S
+    return {"sample": numel * ((P + 2 * S) if master else (2 * P + 2 * S)),
+            "perturb": numel * (2 * P + 3 * S),
+            "check": numel * P,
+            "update": numel * (2 * P + 6 * S + (S if master else 0))}
+
+
+def adamw_bytes(numel: int, param_bytes: int, state_bytes: int) -> int:
+    return numel * (3 * param_bytes + 4 * state_bytes)
+
+
+@dataclass
+class Record:
+    backend: str
+    device: str
+    device_name: str
+    dtype: str
+    layout: str
+    numel: int
+    ntensors: int
+    median_ms: float
+    gbps: float
+    pct_copy_bw: float
+    ratio_vs_adamw_fused: Optional[float]
+    ratio_vs_reference: Optional[float]
+    state_bytes: int
+    phases_ms: dict = field(default_factory=dict)
+    bytes_moved: int = 0
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model}, {torch.get_num_threads()} threads"
+
+
+def _make_params(shapes, device, dtype, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(s, generator=g).to(device=device, dtype=dtype)) for s in shapes]
+    grads = [torch.randn(s, generator=g).to(device=device, dtype=dtype) * 1e-2 for s in shapes]
+    return params, grads
+
+
+def _state_bytes(opt: torch.optim.Optimizer) -> int:
+    total = sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
+                if isinstance(t, torch.Tensor))
+    for bufs in getattr(opt, "_scratch", {}).values():     # bSAM's per-step scratch buffers
+        total += sum(t.numel() * t.element_size() for t in bufs.values())
+    return total
+
+
+def time_bsam(shapes, device, dtype, backend, reps) -> tuple[dict, int, int]:
+    params, grads = _make_params(shapes, device, dtype)
+    opt = BSAM(params, lr=1e-3, num_data=50_000, rho=0.05, weight_decay=1e-4, backend=backend, seed=0)
+
+    def put_grads():
+        for p, g in zip(params, grads):
+            p.grad = g
+
+    phases = {}
+    # One untimed step allocates the state and the scratch buffers.
+    opt.sample_noise(); put_grads(); opt.perturb(); put_grads(); opt.step()
+    phase_times = {"sample": [], "perturb": [], "update": []}
+    for i in range(3 + reps):
+        _sync(device); t0 = time.perf_counter(); opt.sample_noise(); _sync(device); t1 = time.perf_counter()
+        put_grads()
+        _sync(device); t2 = time.perf_counter(); opt.perturb(); _sync(device); t3 = time.perf_counter()
+        put_grads()
+        _sync(device); t4 = time.perf_counter(); opt.step(); _sync(device); t5 = time.perf_counter()
+        if i >= 3:
+            phase_times["sample"].append(t1 - t0)
+            phase_times["perturb"].append(t3 - t2)
+            phase_times["update"].append(t5 - t4)
+    phases = {k: statistics.median(v) * 1e3 for k, v in phase_times.items()}
+    return phases, _state_bytes(opt), opt.backend
+
+
+def time_adamw(shapes, device, dtype, impl, reps) -> tuple[float, int]:
+    params, grads = _make_params(shapes, device, dtype)
+    for p, g in zip(params, grads):
+        p.grad = g
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-4, **{impl: True})
+    opt.step()
+    return median_ms(opt.step, device, reps), _state_bytes(opt)
+
+
+def run_ops(device: torch.device, sizes, layouts, dtype: torch.dtype, backends, reps: int,
+            progress: bool = True) -> list[Record]:
+    copy_bw = copy_bandwidth_gbps(device)
+    name = device_name(device)
+    P = torch.empty((), dtype=dtype).element_size()
+    S = 4 if dtype in (torch.float16, torch.bfloat16) else P
+    cases = [(layout, size) for layout in layouts for size in sizes]
+    try:
+        from tqdm import tqdm
+        bar = tqdm(total=len(cases) * (len(backends) + 2), disable=not progress, desc="bench")
+    except ImportError:  # tqdm is optional
+        bar = None
+    records = []
+    for layout, size in cases:
+        shapes = layout_shapes(layout, size)
+        numel = sum(math.prod(s) for s in shapes)
+        rows = {}
+        for impl in ("fused", "foreach"):
+            ms, state = time_adamw(shapes, device, dtype, impl, reps)
+            rows[f"adamw_{impl}"] = (ms, {}, state, adamw_bytes(numel, P, S))
+            if bar: bar.update()
+        for backend in backends:
+            phases, state, _ = time_bsam(shapes, device, dtype, backend, reps)
+            rows[backend] = (sum(phases.values()), phases, state, sum(bsam_bytes(numel, P, S).values()))
+            if bar: bar.update()
+        fused_ms = rows["adamw_fused"][0]
+        ref_ms = rows["reference"][0] if "reference" in rows else None
+        for backend, (ms, phases, state, nbytes) in rows.items():
+            gbps = nbytes / ms / 1e6
+            records.append(Record(backend=backend, device=device.type, device_name=name,
+                                  dtype=str(dtype).replace("torch.", ""), layout=layout, numel=numel,
+                                  ntensors=len(shapes), median_ms=ms, gbps=gbps,
+                                  pct_copy_bw=100 * gbps / copy_bw,
+                                  ratio_vs_adamw_fused=ms / fused_ms,
+                                  ratio_vs_reference=(ms / ref_ms) if ref_ms else None,
+                                  state_bytes=state, phases_ms=phases, bytes_moved=nbytes))
+    if bar:
+        bar.close()
+    for r in records:
+        r.phases_ms["copy_bw_gbps"] = copy_bw
+    return records
+
+
+def format_table(records: list[Record]) -> str:
+    lines = [f"{'layout':<12}{'numel':>11}{'tensors':>8}  {'backend':<14}{'ms/step':>10}{'GB/s':>8}"
+             f"{'%copy':>7}{'t/t_AdamWfused':>15}{'t/t_reference':>14}{'state MB':>10}"]
+    for r in records:
+        ref = f"{r.ratio_vs_reference:.3f}" if r.ratio_vs_reference is not None else "-"
+        lines.append(f"{r.layout:<12}{r.numel:>11}{r.ntensors:>8}  {r.backend:<14}{r.median_ms:>10.2f}"
+                     f"{r.gbps:>8.1f}{r.pct_copy_bw:>7.0f}{r.ratio_vs_adamw_fused:>15.2f}{ref:>14}"
+                     f"{r.state_bytes / 2**20:>10.1f}")
+    return "\n".join(lines)
+
+
+def plot(records: list[Record], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for layout in sorted({r.layout for r in records}):
+        for backend in sorted({r.backend for r in records}):
+            pts = sorted((r.numel, r.gbps) for r in records if r.backend == backend and r.layout == layout)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=f"{backend} ({layout})")
+    copy_bw = records[0].phases_ms.get("copy_bw_gbps")
+    if copy_bw:
+        ax.axhline(copy_bw, color="k", linestyle="--", label=f"copy bandwidth {copy_bw:.0f} GB/s")
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters")
+    ax.set_ylabel("effective GB/s (bytes model)")
+    ax.set_title(f"optimizer step, {records[0].device_name}, {records[0].dtype}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------ end to end
+def run_end_to_end(device: torch.device, models, backends, reps: int, batch: int = 64,
+                   progress: bool = True) -> list[dict]:
+    """Time of one training step (synthetic batch) for Adam, SAM-Adam and bSAM per backend."""
+    import torch.nn.functional as F
+
+    from .baselines import SAM
+    from .models import INPUT_SHAPES, make_model
+    results = []
+    for name in models:
+        x = torch.randn(batch, *INPUT_SHAPES[name], device=device)
+        y = torch.randint(0, 10, (batch,), device=device)
+        rows = {}
+        methods = [("adam", None), ("sam_adam", None)] + [("bsam", b) for b in backends]
+        for method, backend in methods:
+            torch.manual_seed(0)
+            model = make_model(name).to(device)
+            if method == "adam":
+                opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+            elif method == "sam_adam":
+                opt = SAM(model.parameters(), torch.optim.Adam, rho=0.05, lr=1e-3)
+            else:
+                opt = BSAM(model.parameters(), lr=1e-3, num_data=50_000, backend=backend, seed=0)
+
+            def closure():
+                opt.zero_grad()
+                loss = F.cross_entropy(model(x), y)
+                loss.backward()
+                return loss
+
+            def step():
+                if method == "adam":
+                    closure()
+                    opt.step()
+                else:
+                    opt.step(closure)
+            label = method if backend is None else f"bsam[{backend}]"
+            rows[label] = median_ms(step, device, reps)
+        for label, ms in rows.items():
+            results.append({"model": name, "method": label, "device": device.type,
+                            "device_name": device_name(device), "batch": batch, "median_ms": ms,
+                            "overhead_vs_adam": ms / rows["adam"], "overhead_vs_sam_adam": ms / rows["sam_adam"]})
+    return results
+
+
+def format_end_to_end(results: list[dict]) -> str:
+    lines = [f"{'model':<14}{'method':<18}{'ms/step':>10}{'x Adam':>8}{'x SAM-Adam':>12}"]
+    for r in results:
+        lines.append(f"{r['model']:<14}{r['method']:<18}{r['median_ms']:>10.2f}{r['overhead_vs_adam']:>8.2f}"
+                     f"{r['overhead_vs_sam_adam']:>12.2f}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m bsam_fast.bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--sizes", nargs="+", type=float, default=None, help="parameters per layout")
+    ap.add_argument("--layouts", nargs="+", default=None, choices=LAYOUTS)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
+    ap.add_argument("--backends", nargs="+", default=None, help="bSAM backends (default: all available)")
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--json", help="write the records as a JSON list")
+    ap.add_argument("--plot", help="write a PNG of GB/s against parameters")
+    ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    ap.add_argument("--end-to-end", action="store_true", help="also time training steps of real models")
+    ap.add_argument("--models", nargs="+", default=["mlp", "lenet5", "resnet20_frn"])
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    if args.reps < 20:
+        ap.error("--reps must be at least 20 (the median of 20 repetitions is the method)")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device is available")
+    dtype = getattr(torch, args.dtype)
+    backends = args.backends or [b for b in available_backends()
+                                 if b not in ("cpu", "cuda") or b == device.type]
+    sizes = args.sizes or ([1e5] if args.quick else [1e6, 1e7])
+    layouts = args.layouts or (["one", "resnet20"] if args.quick else list(LAYOUTS))
+    records = run_ops(device, sizes, layouts, dtype, backends, args.reps, progress=not args.no_progress)
+    print(f"\ndevice: {records[0].device_name}; torch {torch.__version__}; copy bandwidth "
+          f"{records[0].phases_ms['copy_bw_gbps']:.1f} GB/s; median of {args.reps} reps")
+    print(format_table(records))
+    out = {"ops": [asdict(r) for r in records]}
+    if args.end_to_end:
+        e2e = run_end_to_end(device, args.models, backends, args.reps, progress=not args.no_progress)
+        print()
+        print(format_end_to_end(e2e))
+        out["end_to_end"] = e2e
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out["ops"] if not args.end_to_end else out, f, indent=1)
+    if args.plot:
+        plot(records, args.plot)
+    return out
+
+
+if __name__ == "__main__":
+    main()
