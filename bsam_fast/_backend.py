@@ -10,15 +10,15 @@ Phases of one step with m parts (``k = 0..m-1``)::
 
     sample     p = w + xi_k / sqrt(N * s)            (k = 0 first loads w from p)
     perturb    u += sqrt(s) * |g_k| ;  p = w + rho * g_k / s
-    accumulate gsum += h_k                             (only when m > 1)
     update     gm = b1*gm + (1-b1)*(g + wd*w) ;  w -= lr*gm/s ;
                s = b2*s + (1-b2)*(u + damping + wd) ;  p = w
     restore    p = w                                   (cancelled or skipped step)
 
-Here ``g = grad_factor * (gsum or grad)`` and ``u = u_factor * usum``, where the factors
-fold in ``1/m`` and a GradScaler's ``1/scale``. ``found_inf`` (a one-element float32
-tensor on the bucket's device) is set to 1 when a gradient holds inf or NaN. Backends
-never write gradients; after perturb and accumulate the optimizer sets ``.grad = None``.
+Here ``g = grad_factor * grad`` and ``u = u_factor * usum``, where the factors fold in
+``1/m`` (and ``1/world_size``) and a GradScaler's ``1/scale``; with m parts ``grad`` is the
+sum of the m perturbed gradients, accumulated by autograd (see ``optimizer.py``).
+``found_inf`` (a one-element float32 tensor on the bucket's device) is set to 1 when a
+gradient holds inf or NaN. Backends never write gradients.
 """
 from __future__ import annotations
 
@@ -71,10 +71,6 @@ class Backend:
 
     def perturb(self, b: Bucket, grads: list[Tensor], rho: float,
                 inv_scale: Optional[Tensor], first_part: bool, found_inf: Tensor) -> None:
-        raise NotImplementedError
-
-    def accumulate(self, grad_sums: list[Tensor], grads: list[Tensor], first_part: bool,
-                   found_inf: Tensor) -> None:
         raise NotImplementedError
 
     def check_finite(self, grads: list[Tensor], found_inf: Tensor) -> None:

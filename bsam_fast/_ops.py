@@ -50,7 +50,7 @@ def to_signed64(x: int) -> int:
 
 
 if is_loaded():
-    for _name in ("sample_", "perturb_", "accumulate_", "check_finite_", "update_", "normal_"):
+    for _name in ("sample_", "perturb_", "check_finite_", "update_", "normal_"):
         torch.library.register_fake(f"bsam_fast::{_name}")(lambda *args, **kwargs: None)
 
 
@@ -65,10 +65,6 @@ def perturb_(params, grads, means, precisions, u_sums, rho, inv_scale, first_par
              found_inf) -> None:
     torch.ops.bsam_fast.perturb_(params, grads, means, precisions, u_sums, float(rho),
                                  inv_scale, first_part, found_inf)
-
-
-def accumulate_(grad_sums, grads, first_part, found_inf) -> None:
-    torch.ops.bsam_fast.accumulate_(grad_sums, grads, first_part, found_inf)
 
 
 def check_finite_(tensors, found_inf) -> None:

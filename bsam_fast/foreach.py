@@ -57,14 +57,6 @@ class ForeachBackend(Backend):
         torch._foreach_add_(e, b.means)
         torch._foreach_copy_(b.params, e)
 
-    def accumulate(self, grad_sums: list[Tensor], grads: list[Tensor], first_part: bool,
-                   found_inf: Tensor) -> None:
-        mark_non_finite(grads, found_inf)
-        if first_part:
-            torch._foreach_copy_(grad_sums, grads)
-        else:
-            torch._foreach_add_(grad_sums, _as_opmath(grads, grad_sums))
-
     def check_finite(self, grads: list[Tensor], found_inf: Tensor) -> None:
         mark_non_finite(grads, found_inf)
 

@@ -48,10 +48,6 @@ class FusedBackend(Backend):
         _ops.perturb_(b.params, grads, b.means, b.precisions, b.u_sums, rho, inv_scale,
                       first_part, found_inf)
 
-    def accumulate(self, grad_sums: list[Tensor], grads: list[Tensor], first_part: bool,
-                   found_inf: Tensor) -> None:
-        _ops.accumulate_(grad_sums, grads, first_part, found_inf)
-
     def check_finite(self, grads: list[Tensor], found_inf: Tensor) -> None:
         _ops.check_finite_(grads, found_inf)
 

@@ -18,7 +18,7 @@ from torch.optim import Optimizer
 
 from ._backend import Bucket, opmath_dtype
 from .backends import make_backend
-from .noise import noise_bases, seed_from_default_generator
+from .noise import noise_bases, seed_from_default_generator, stream_seed
 
 _IDLE, _NOISY, _PERTURBED = "idle", "noisy", "perturbed"
 
@@ -51,6 +51,11 @@ def _check_hyperparameters(group: dict) -> None:
 
 
 def _check_parameter(p: Tensor) -> None:
+    if type(p).__name__ == "DTensor" or type(getattr(p, "data", None)).__name__ == "DTensor":
+        raise ValueError("BSAM does not support sharded DTensor parameters (FSDP2 "
+                         "fully_shard, tensor parallelism): bSAM keeps per-element state and "
+                         "noise indexed over whole tensors. Use DistributedDataParallel with "
+                         "BSAM(..., process_group=...) instead (see README).")
     if p.is_complex():
         raise ValueError("BSAM does not support complex parameters (got dtype "
                          f"{p.dtype}); use torch.view_as_real to optimise the real parts")
@@ -110,7 +115,7 @@ class BSAM(Optimizer):
     def __init__(self, params, lr: float | Tensor, num_data: int | float, rho: float = 0.05,
                  betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0,
                  damping: float = 0.1, s_init: float = 1.0, *, backend: str = "auto",
-                 seed: Optional[int] = None):
+                 seed: Optional[int] = None, process_group=None):
         if isinstance(backend, str) is False:
             raise ValueError(f"Invalid backend: {backend!r} (expected a string)")
         defaults = dict(lr=lr, num_data=num_data, rho=rho, betas=tuple(betas),
@@ -126,6 +131,9 @@ class BSAM(Optimizer):
             seed = seed_from_default_generator()
         if not isinstance(seed, int) or not 0 <= seed < 2 ** 64:
             raise ValueError(f"Invalid seed: {seed!r} (must be an int in [0, 2**64))")
+        self._group, self._rank, self._world_size = None, 0, 1
+        if process_group is not None:
+            seed = self._join_process_group(process_group, seed, all_params)
         self._seed = seed
         self._offset = 0                 # draws taken from the noise stream so far
         self.skipped_steps = 0           # steps skipped for a non-finite gradient
@@ -134,6 +142,35 @@ class BSAM(Optimizer):
         self._reset_step()
 
     # ------------------------------------------------------------------ setup
+    def _join_process_group(self, process_group, seed: int, params: list[Tensor]) -> int:
+        """Distributed training (see README): every rank draws from its own noise stream,
+        keyed by the shared seed (rank 0's, broadcast here) and the rank."""
+        import torch.distributed as dist
+        if not dist.is_available() or not dist.is_initialized():
+            raise ValueError("process_group given but torch.distributed is not initialised "
+                             "(call torch.distributed.init_process_group first)")
+        group = dist.group.WORLD if process_group is True else process_group
+        self._group = group
+        self._rank = dist.get_rank(group)
+        self._world_size = dist.get_world_size(group)
+        device = params[0].device if params else torch.device("cpu")
+        if dist.get_backend(group) == "nccl" and device.type != "cuda":
+            device = torch.device("cuda", torch.cuda.current_device())
+        shared = torch.tensor([seed - (1 << 64) if seed >= (1 << 63) else seed], dtype=torch.int64,
+                              device=device)
+        dist.broadcast(shared, src=dist.get_global_rank(group, 0), group=group)
+        value = int(shared.item())
+        return value + (1 << 64) if value < 0 else value
+
+    @property
+    def _noise_key(self) -> int:
+        return self._seed if self._group is None else stream_seed(self._seed, self._rank)
+
+    @property
+    def rank(self) -> int:
+        """This process's rank in the optimizer's process group (0 when not distributed)."""
+        return self._rank
+
     @property
     def backend(self) -> str:
         """Name of the backend in use (what "auto" resolved to)."""
@@ -172,6 +209,7 @@ class BSAM(Optimizer):
         self._active: list[list[Tensor]] = []
         self._found = {"noisy": {}, "perturbed": {}}
         self._used_scaler = False
+        self._banked: list[list[Tensor]] = []
 
     def _init_state(self, group: dict, p: Tensor) -> dict:
         state = self.state[p]
@@ -248,7 +286,7 @@ class BSAM(Optimizer):
                     raise ValueError(f"noise[{i}]: expected device {p.device}, got {xi.device}")
         first_part = self._phase == _IDLE
         if not first_part:
-            self._bank_perturbed_gradient()
+            self._bank_perturbed_gradients()
         else:
             self._reset_step()
             for group in self.param_groups:
@@ -263,7 +301,7 @@ class BSAM(Optimizer):
             index += len(params)
             for b in self._buckets(group, params):
                 xi = None if group_noise is None else [group_noise[p] for p in b.params]
-                self._backend.sample(b, group["num_data"], self._seed, offset, xi,
+                self._backend.sample(b, group["num_data"], self._noise_key, offset, xi,
                                      load_mean=first_part and not b.master_mean)
         self._phase = _NOISY
 
@@ -322,27 +360,24 @@ class BSAM(Optimizer):
                 scale = None if inv_scale is None else inv_scale.to(b.device)
                 self._backend.perturb(b, [p.grad for p in b.params], group["rho"], scale,
                                       first_part, self._found_flag("noisy", b.device))
-            for p in params:
-                p.grad = None        # consumed: the next backward() gives h alone
+        # The noisy gradient is consumed. The perturbed backward() then accumulates h_k
+        # into .grad: onto nothing for part 1, onto h_1 + ... + h_(k-1) for part k, so that
+        # after the last part .grad holds the sum (and DDP all-reduces the whole sum).
+        for i, params in enumerate(active):
+            for j, p in enumerate(params):
+                p.grad = None if first_part else self._banked[i][j]
+        self._banked = []
         self._parts += 1
         self._phase = _PERTURBED
 
-    def _bank_perturbed_gradient(self) -> None:
-        """Move part k's perturbed gradient h_k into the running sum (m-part steps)."""
+    def _bank_perturbed_gradients(self) -> None:
+        """Part k > 1 begins: take the perturbed-gradient sum out of ``.grad``, so that the
+        coming noisy backward() gives g_k alone; perturb() hands it back afterwards."""
         self._check_perturbed_gradients()
+        self._banked = [[p.grad for p in params] for params in self._active]
         for params in self._active:
             for p in params:
-                self._buffer(p, "grad_sum")
-        for params in self._active:
-            by_device: dict[torch.device, list[Tensor]] = defaultdict(list)
-            for p in params:
-                by_device[p.device].append(p)
-            for device, ps in by_device.items():
-                self._backend.accumulate([self._scratch[p]["grad_sum"] for p in ps],
-                                         [p.grad for p in ps], self._parts == 1,
-                                         self._found_flag("perturbed", device))
-                for p in ps:
-                    p.grad = None
+                p.grad = None
 
     def _check_perturbed_gradients(self) -> None:
         for params in self._active:
@@ -357,20 +392,39 @@ class BSAM(Optimizer):
                 self.cancel_step()
                 raise
 
+    def _all_reduce_u_and_flags(self, found: dict) -> None:
+        """Distributed: sum u over ranks and share the noisy-gradient inf/NaN flags, in one
+        flattened all-reduce per device (the perturbed gradients are DDP's to reduce)."""
+        import torch.distributed as dist
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+        groups: dict[tuple, list[Tensor]] = defaultdict(list)
+        for params in self._active:
+            for p in params:
+                u = self._scratch[p]["u"]
+                groups[(u.device, u.dtype)].append(u)
+        for device in {d for d, _ in groups} | set(found):
+            groups[(device, torch.float32)].append(self._found_flag("noisy", device))
+        for tensors in groups.values():        # one per device, unless fp64 meets fp32
+            flat = _flatten_dense_tensors(tensors)
+            dist.all_reduce(flat, group=self._group)
+            for t, reduced in zip(tensors, _unflatten_dense_tensors(flat, tensors)):
+                t.copy_(reduced)
+
     @torch.no_grad()
     def _finish(self) -> None:
-        """Phase 3: update momentum, mean and precision, and put the mean back in place."""
+        """Phase 3: update momentum, mean and precision, and put the mean back in place.
+
+        ``.grad`` holds the sum of the m perturbed gradients (DDP: averaged over ranks)."""
         m = self._parts
-        if m > 1:
-            self._bank_perturbed_gradient()
-        else:
-            self._check_perturbed_gradients()
-            for params in self._active:
-                by_device: dict[torch.device, list[Tensor]] = defaultdict(list)
-                for p in params:
-                    by_device[p.device].append(p.grad)
-                for device, grads in by_device.items():
-                    self._backend.check_finite(grads, self._found_flag("perturbed", device))
+        self._check_perturbed_gradients()
+        for params in self._active:
+            by_device: dict[torch.device, list[Tensor]] = defaultdict(list)
+            for p in params:
+                by_device[p.device].append(p.grad)
+            for device, grads in by_device.items():
+                self._backend.check_finite(grads, self._found_flag("perturbed", device))
+        if self._group is not None:
+            self._all_reduce_u_and_flags(self._found["noisy"])
         scaler_found = getattr(self, "found_inf", None)
         grad_scale = getattr(self, "grad_scale", None)
         bad_noisy = any(f.item() for f in self._found["noisy"].values())
@@ -389,6 +443,7 @@ class BSAM(Optimizer):
                               stacklevel=3)
             self._reset_step()
             return
+        u_factor = 1.0 / (m * self._world_size)      # u_sums were summed over ranks
         for group, params in zip(self.param_groups, self._active):
             active_ids = {id(p) for p in params}
             idle = [p for p in group["params"] if id(p) not in active_ids]
@@ -396,11 +451,12 @@ class BSAM(Optimizer):
                 self._backend.restore(b)
             beta1, beta2 = group["betas"]
             for b in self._buckets(group, params):
-                inv_scale = None if grad_scale is None else grad_scale.double().reciprocal().float().to(b.device)
-                factor = 1.0 / m if inv_scale is None else inv_scale / m
-                grads = [self._scratch[p]["grad_sum"] if m > 1 else p.grad for p in b.params]
-                self._backend.update(b, grads, factor, 1.0 / m, group["lr"], beta1, beta2,
-                                     group["weight_decay"], group["damping"])
+                if grad_scale is None:
+                    factor = 1.0 / m
+                else:
+                    factor = grad_scale.double().reciprocal().float().to(b.device) / m
+                self._backend.update(b, [p.grad for p in b.params], factor, u_factor, group["lr"],
+                                     beta1, beta2, group["weight_decay"], group["damping"])
         self._reset_step()
 
     def _restore_all(self) -> None:
@@ -457,6 +513,24 @@ class BSAM(Optimizer):
         self._finish()
         return loss
 
+    def _closure_onto_banked(self, closure: Callable[[], Tensor]):
+        """Run a closure at the perturbed point and add its gradient to the sum perturb()
+        handed back, even if the closure calls zero_grad() first (as closures do)."""
+        held = [[p.grad for p in params] for params in self._active]
+        for params in self._active:
+            for p in params:
+                p.grad = None
+        with torch.enable_grad():
+            loss = closure()
+        with torch.no_grad():
+            for params, sums in zip(self._active, held):
+                for p, total in zip(params, sums):
+                    if total is not None and p.grad is not None:
+                        p.grad = total.add_(p.grad)
+                    elif total is not None:
+                        p.grad = total
+        return loss
+
     def step_parts(self, closure: Callable[[int], Tensor], m: int,
                    noise: Optional[Sequence[Sequence[Tensor]]] = None):
         """One m-sharpness step: ``closure(k)`` computes part k's loss and calls backward().
@@ -478,8 +552,7 @@ class BSAM(Optimizer):
                 with torch.enable_grad():
                     closure(k)
                 self.perturb()
-                with torch.enable_grad():
-                    losses.append(closure(k))
+                losses.append(self._closure_onto_banked(lambda: closure(k)))
         except BaseException:
             self.cancel_step()
             raise

@@ -87,12 +87,6 @@ class ReferenceBackend(Backend):
             u.copy_(magnitude if first_part else u + magnitude)
             p.copy_(perturbed_point(w, s, g, rho))
 
-    def accumulate(self, grad_sums: list[Tensor], grads: list[Tensor], first_part: bool,
-                   found_inf: Tensor) -> None:
-        mark_non_finite(grads, found_inf)
-        for total, grad in zip(grad_sums, grads):
-            total.copy_(grad if first_part else total + grad.to(total.dtype))
-
     def check_finite(self, grads: list[Tensor], found_inf: Tensor) -> None:
         mark_non_finite(grads, found_inf)
 

@@ -107,14 +107,6 @@ inline void check_perturb_args(at::TensorList params, at::TensorList grads, at::
   check_found_inf(found_inf, device, params[0].device());
 }
 
-inline void check_accumulate_args(at::TensorList grad_sums, at::TensorList grads, const at::Tensor& found_inf,
-                                  at::DeviceType device) {
-  check_params(grads, device, "grads");
-  if (grads.empty()) return;
-  check_like(grads, grad_sums, "grad_sums", opmath_of(grads[0].scalar_type()), device);
-  check_found_inf(found_inf, device, grads[0].device());
-}
-
 inline void check_update_args(at::TensorList params, at::TensorList means, at::TensorList momenta,
                               at::TensorList precisions, at::TensorList grads, at::TensorList u_sums,
                               const std::optional<at::Tensor>& grad_factor_tensor, at::DeviceType device) {
@@ -126,13 +118,7 @@ inline void check_update_args(at::TensorList params, at::TensorList means, at::T
   check_like(params, momenta, "momenta", op, device);
   check_like(params, precisions, "precisions", op, device);
   check_like(params, u_sums, "u_sums", op, device);
-  TORCH_CHECK(grads.size() == params.size(), "bsam_fast: grads must have one tensor per parameter (",
-              params.size(), "), got ", grads.size());
-  // grads are either the parameters' .grad (param dtype) or the m-part sums (opmath dtype).
-  const auto gdtype = grads.empty() ? dtype : grads[0].scalar_type();
-  TORCH_CHECK(gdtype == dtype || gdtype == op, "bsam_fast: grads must have dtype ", dtype, " or ", op,
-              ", got ", gdtype);
-  check_like(params, grads, "grads", gdtype, device);
+  check_like(params, grads, "grads", dtype, device);
   check_scalar_tensor(grad_factor_tensor, "grad_factor_tensor", params[0].device());
 }
 

@@ -16,13 +16,12 @@ TORCH_LIBRARY(bsam_fast, m) {
   m.def("perturb_(Tensor(a!)[] params, Tensor[] grads, Tensor[] means, Tensor[] precisions, "
         "Tensor(b!)[] u_sums, float rho, Tensor? inv_scale, bool first_part, "
         "Tensor(c!) found_inf) -> ()");
-  // grad_sums (+)= grads;  found_inf as above.
-  m.def("accumulate_(Tensor(a!)[] grad_sums, Tensor[] grads, bool first_part, "
-        "Tensor(b!) found_inf) -> ()");
   // found_inf := 1 if a tensor holds inf or NaN.
   m.def("check_finite_(Tensor[] tensors, Tensor(a!) found_inf) -> ()");
   // Momentum, mean and precision update; params := new mean. g = grads * factor with
-  // factor = grad_factor_tensor[0] if given else grad_factor; u = u_sums * u_factor.
+  // factor = grad_factor_tensor[0] if given else grad_factor (1/m, times a GradScaler's
+  // 1/scale); u = u_sums * u_factor. With m parts, grads hold the sum of the m perturbed
+  // gradients (autograd accumulates them, see optimizer.py).
   // write_mean: also store the new mean in `means` (fp32 masters of bf16/fp16 params).
   m.def("update_(Tensor(a!)[] params, Tensor(b!)[] means, Tensor(c!)[] momenta, "
         "Tensor(d!)[] precisions, Tensor[] grads, Tensor[] u_sums, Tensor? grad_factor_tensor, "

@@ -276,3 +276,30 @@ def test_noise_comes_from_the_stream(backend):
         torch.testing.assert_close(p.detach(), w0 + z / 5.0, rtol=1e-6, atol=1e-7)
     opt.cancel_step()
     assert opt.noise_offset == 1
+
+
+def test_phase_api_m_parts_accumulate_in_grad(backend):
+    """Phase API with m parts: perturb() hands back the running sum of the perturbed
+    gradients as .grad, so plain backward() calls accumulate them (what DDP reduces)."""
+    x, y = make_data(n=12)
+    parts = split_batch(x, y, m=3)
+    a, b = make_model(), make_model()
+    opt_a, opt_b = make_opt(a, backend), make_opt(b, backend)
+
+    def closure(k):
+        opt_a.zero_grad()
+        loss = F.cross_entropy(a(parts[k][0]), parts[k][1])
+        loss.backward()
+        return loss
+    opt_a.step_parts(closure, 3)
+    for k, (xk, yk) in enumerate(parts):
+        opt_b.sample_noise()
+        F.cross_entropy(b(xk), yk).backward()
+        opt_b.perturb()
+        if k == 0:
+            assert all(p.grad is None for p in b.parameters())
+        else:
+            assert all(p.grad is not None for p in b.parameters())
+        F.cross_entropy(b(xk), yk).backward()
+    opt_b.step()
+    assert_close_states(snapshot(b, opt_b), snapshot(a, opt_a), 1e-6)

@@ -186,27 +186,6 @@ void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList mea
   });
 }
 
-// ------------------------------------------------------------------------------ accumulate_
-void accumulate_cpu(at::TensorList grad_sums, at::TensorList grads, bool first_part,
-                    const at::Tensor& found_inf) {
-  check_accumulate_args(grad_sums, grads, found_inf, at::kCPU);
-  if (grads.empty()) return;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads[0].scalar_type(), "bsam_accumulate", [&] {
-    using opmath_t = at::opmath_type<scalar_t>;
-    raise_flag(found_inf, parallel_chunks(grads, [&](const Chunk& c) {
-      opmath_t* __restrict__ total = ptr<opmath_t>(grad_sums[c.tensor]);
-      const scalar_t* __restrict__ grad = ptr<scalar_t>(grads[c.tensor]);
-      uint32_t bad = 0;
-      for (int64_t j = c.begin; j < c.end; ++j) {
-        const opmath_t g = static_cast<opmath_t>(grad[j]);
-        bad |= non_finite(g);
-        total[j] = first_part ? g : total[j] + g;
-      }
-      return bad != 0;
-    }));
-  });
-}
-
 // ------------------------------------------------------------------------------ check_finite_
 void check_finite_cpu(at::TensorList tensors, const at::Tensor& found_inf) {
   check_params(tensors, at::kCPU, "tensors");
@@ -224,9 +203,9 @@ void check_finite_cpu(at::TensorList tensors, const at::Tensor& found_inf) {
 }
 
 // ------------------------------------------------------------------------------ update_
-template <typename scalar_t, typename opmath_t, typename grad_t, bool kWriteMean>
+template <typename scalar_t, typename opmath_t, bool kWriteMean>
 void update_chunk(scalar_t* __restrict__ p, opmath_t* __restrict__ w, opmath_t* __restrict__ gm,
-                  opmath_t* __restrict__ s, const grad_t* __restrict__ grad, const opmath_t* __restrict__ u,
+                  opmath_t* __restrict__ s, const scalar_t* __restrict__ grad, const opmath_t* __restrict__ u,
                   int64_t begin, int64_t end, opmath_t grad_factor, opmath_t u_factor,
                   const UpdateCoefficients<opmath_t>& coef) {
   for (int64_t j = begin; j < end; ++j) {
@@ -248,7 +227,6 @@ void update_cpu(at::TensorList params, at::TensorList means, at::TensorList mome
   if (params.empty()) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "bsam_update", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
-    const bool grads_are_sums = grads[0].scalar_type() != params[0].scalar_type();
     const opmath_t factor = static_cast<opmath_t>(
         grad_factor_tensor ? grad_factor_tensor->item<double>() : grad_factor);
     const UpdateCoefficients<opmath_t> coef{
@@ -256,15 +234,12 @@ void update_cpu(at::TensorList params, at::TensorList means, at::TensorList mome
         static_cast<opmath_t>(beta2), static_cast<opmath_t>(1.0 - beta2),
         static_cast<opmath_t>(weight_decay), static_cast<opmath_t>(damping)};
     with_flag(write_mean, [&](auto kWriteMean) {
-      with_flag(grads_are_sums, [&](auto kSums) {
-        using grad_t = std::conditional_t<decltype(kSums)::value, opmath_t, scalar_t>;
-        parallel_chunks(params, [&](const Chunk& c) {
-          update_chunk<scalar_t, opmath_t, grad_t, decltype(kWriteMean)::value>(
-              ptr<scalar_t>(params[c.tensor]), ptr<opmath_t>(means[c.tensor]), ptr<opmath_t>(momenta[c.tensor]),
-              ptr<opmath_t>(precisions[c.tensor]), ptr<grad_t>(grads[c.tensor]), ptr<opmath_t>(u_sums[c.tensor]),
-              c.begin, c.end, factor, static_cast<opmath_t>(u_factor), coef);
-          return false;
-        });
+      parallel_chunks(params, [&](const Chunk& c) {
+        update_chunk<scalar_t, opmath_t, decltype(kWriteMean)::value>(
+            ptr<scalar_t>(params[c.tensor]), ptr<opmath_t>(means[c.tensor]), ptr<opmath_t>(momenta[c.tensor]),
+            ptr<opmath_t>(precisions[c.tensor]), ptr<scalar_t>(grads[c.tensor]), ptr<opmath_t>(u_sums[c.tensor]),
+            c.begin, c.end, factor, static_cast<opmath_t>(u_factor), coef);
+        return false;
       });
     });
   });
@@ -290,7 +265,6 @@ void normal_cpu(at::TensorList out, at::IntArrayRef bases, int64_t seed, int64_t
 TORCH_LIBRARY_IMPL(bsam_fast, CPU, m) {
   m.impl("sample_", &sample_cpu);
   m.impl("perturb_", &perturb_cpu);
-  m.impl("accumulate_", &accumulate_cpu);
   m.impl("check_finite_", &check_finite_cpu);
   m.impl("update_", &update_cpu);
   m.impl("normal_", &normal_cpu);
