@@ -56,6 +56,10 @@ class Backend:
     """Interface of a backend; see the module docstring for what each phase computes."""
 
     name: str = "?"
+    # True if sample() takes the noise counter from a device tensor and update() can skip
+    # a step on a device-side flag: what capturable=True and GradScaler steps need to run
+    # without host synchronisation.
+    device_side = False
 
     @staticmethod
     def is_available() -> bool:
@@ -66,7 +70,8 @@ class Backend:
         return None
 
     def sample(self, b: Bucket, num_data: float, seed: int, offset: int,
-               noise: Optional[Sequence[Tensor]], load_mean: bool) -> None:
+               noise: Optional[Sequence[Tensor]], load_mean: bool,
+               offset_tensor: Optional[Tensor] = None) -> None:
         raise NotImplementedError
 
     def perturb(self, b: Bucket, grads: list[Tensor], rho: float,
@@ -78,7 +83,8 @@ class Backend:
 
     def update(self, b: Bucket, grads: list[Tensor], grad_factor: Scalar, u_factor: float,
                lr: Scalar, beta1: float, beta2: float, weight_decay: float,
-               damping: float) -> None:
+               damping: float, skip_if: Optional[Tensor] = None) -> None:
+        """skip_if (device_side backends only): skip on the device when it is non-zero."""
         raise NotImplementedError
 
     def restore(self, b: Bucket) -> None:

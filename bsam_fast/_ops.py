@@ -55,10 +55,10 @@ if is_loaded():
 
 
 def sample_(params, means, precisions, bases, num_data, seed, offset, load_mean,
-            noise: Optional[Sequence[Tensor]] = None) -> None:
+            noise: Optional[Sequence[Tensor]] = None, offset_tensor: Optional[Tensor] = None) -> None:
     torch.ops.bsam_fast.sample_(params, means, precisions, list(bases), float(num_data),
                                 to_signed64(seed), to_signed64(offset), load_mean,
-                                None if noise is None else list(noise))
+                                None if noise is None else list(noise), offset_tensor)
 
 
 def perturb_(params, grads, means, precisions, u_sums, rho, inv_scale, first_part,
@@ -72,12 +72,16 @@ def check_finite_(tensors, found_inf) -> None:
 
 
 def update_(params, means, momenta, precisions, grads, u_sums, grad_factor, u_factor, lr,
-            beta1, beta2, weight_decay, damping, write_mean) -> None:
-    factor_tensor = grad_factor if isinstance(grad_factor, Tensor) else None
+            beta1, beta2, weight_decay, damping, write_mean, skip_if: Optional[Tensor] = None) -> None:
+    """grad_factor and lr may be Python numbers or one-element tensors on the device."""
+    factor_tensor = grad_factor.float() if isinstance(grad_factor, Tensor) else None
     factor = 1.0 if factor_tensor is not None else float(grad_factor)
+    lr_tensor = lr.to(device=params[0].device, dtype=torch.float64) if isinstance(lr, Tensor) else None
+    lr_value = 0.0 if lr_tensor is not None else float(lr)
     torch.ops.bsam_fast.update_(params, means, momenta, precisions, grads, u_sums,
-                                factor_tensor, factor, float(u_factor), float(lr), float(beta1),
-                                float(beta2), float(weight_decay), float(damping), write_mean)
+                                factor_tensor, factor, float(u_factor), lr_value, float(beta1),
+                                float(beta2), float(weight_decay), float(damping), write_mean,
+                                lr_tensor, skip_if)
 
 
 def normal(tensors: Sequence[Tensor], bases: Sequence[int], seed: int, offset: int) -> list[Tensor]:

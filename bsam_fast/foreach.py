@@ -25,7 +25,8 @@ class ForeachBackend(Backend):
     priority = 10
 
     def sample(self, b: Bucket, num_data: float, seed: int, offset: int,
-               noise: Optional[Sequence[Tensor]], load_mean: bool) -> None:
+               noise: Optional[Sequence[Tensor]], load_mean: bool,
+               offset_tensor: Optional[Tensor] = None) -> None:
         if load_mean:
             torch._foreach_copy_(b.means, b.params)
         dtype = b.means[0].dtype
@@ -62,7 +63,7 @@ class ForeachBackend(Backend):
 
     def update(self, b: Bucket, grads: list[Tensor], grad_factor: Scalar, u_factor: float,
                lr: Scalar, beta1: float, beta2: float, weight_decay: float,
-               damping: float) -> None:
+               damping: float, skip_if: Optional[Tensor] = None) -> None:
         g = _as_opmath(grads, b.means)
         g = torch._foreach_mul(g, grad_factor)
         torch._foreach_add_(g, torch._foreach_mul(b.means, weight_decay))   # g + delta w

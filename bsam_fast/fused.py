@@ -16,6 +16,7 @@ from .backends import register_backend
 
 class FusedBackend(Backend):
     device_type = "?"
+    device_side = True
 
     @classmethod
     def is_available(cls) -> bool:
@@ -37,11 +38,12 @@ class FusedBackend(Backend):
         return None
 
     def sample(self, b: Bucket, num_data: float, seed: int, offset: int,
-               noise: Optional[Sequence[Tensor]], load_mean: bool) -> None:
+               noise: Optional[Sequence[Tensor]], load_mean: bool,
+               offset_tensor: Optional[Tensor] = None) -> None:
         if noise is not None:
             noise = [x.to(b.means[0].dtype).contiguous() for x in noise]
         _ops.sample_(b.params, b.means, b.precisions, b.bases, num_data, seed, offset,
-                     load_mean, noise)
+                     load_mean, noise, offset_tensor)
 
     def perturb(self, b: Bucket, grads: list[Tensor], rho: float,
                 inv_scale: Optional[Tensor], first_part: bool, found_inf: Tensor) -> None:
@@ -53,9 +55,9 @@ class FusedBackend(Backend):
 
     def update(self, b: Bucket, grads: list[Tensor], grad_factor: Scalar, u_factor: float,
                lr: Scalar, beta1: float, beta2: float, weight_decay: float,
-               damping: float) -> None:
+               damping: float, skip_if: Optional[Tensor] = None) -> None:
         _ops.update_(b.params, b.means, b.momenta, b.precisions, grads, b.u_sums, grad_factor,
-                     u_factor, lr, beta1, beta2, weight_decay, damping, b.master_mean)
+                     u_factor, lr, beta1, beta2, weight_decay, damping, b.master_mean, skip_if)
 
 
 @register_backend

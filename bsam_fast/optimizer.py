@@ -115,7 +115,7 @@ class BSAM(Optimizer):
     def __init__(self, params, lr: float | Tensor, num_data: int | float, rho: float = 0.05,
                  betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0,
                  damping: float = 0.1, s_init: float = 1.0, *, backend: str = "auto",
-                 seed: Optional[int] = None, process_group=None):
+                 seed: Optional[int] = None, process_group=None, capturable: bool = False):
         if isinstance(backend, str) is False:
             raise ValueError(f"Invalid backend: {backend!r} (expected a string)")
         defaults = dict(lr=lr, num_data=num_data, rho=rho, betas=tuple(betas),
@@ -136,7 +136,15 @@ class BSAM(Optimizer):
             seed = self._join_process_group(process_group, seed, all_params)
         self._seed = seed
         self._offset = 0                 # draws taken from the noise stream so far
-        self.skipped_steps = 0           # steps skipped for a non-finite gradient
+        self._skipped = 0                # steps skipped for a non-finite gradient (host count)
+        if capturable and not self._backend.device_side:
+            raise ValueError(f"capturable=True needs a fused backend ('cuda' or 'cpu'), not "
+                             f"{self.backend!r}")
+        self._capturable = bool(capturable)
+        # capturable: the noise counter and the skip count live on each parameter device,
+        # advanced by kernels, so a CUDA graph of a whole step replays with fresh noise.
+        self._device_offset: dict[torch.device, Tensor] = {}
+        self._device_skipped: dict[torch.device, Tensor] = {}
         self._phase = _IDLE
         self._scratch: dict[Tensor, dict[str, Tensor]] = {}
         self._reset_step()
@@ -183,7 +191,20 @@ class BSAM(Optimizer):
     @property
     def noise_offset(self) -> int:
         """Number of noise draws taken so far (the stream's counter)."""
+        if self._device_offset:
+            return int(next(iter(self._device_offset.values())).item())
         return self._offset
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped because a gradient held inf or NaN (reads the device counters of
+        capturable / GradScaler steps, which synchronises)."""
+        return self._skipped + sum(int(t.item()) for t in self._device_skipped.values())
+
+    def _offset_tensor(self, device: torch.device) -> Tensor:
+        if device not in self._device_offset:
+            self._device_offset[device] = torch.tensor([self._offset], dtype=torch.int64, device=device)
+        return self._device_offset[device]
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -293,7 +314,7 @@ class BSAM(Optimizer):
                 for p in group["params"]:
                     self._init_state(group, p)
         offset = self._offset
-        self._offset += 1
+        devices = set()
         index = 0
         for group in self.param_groups:
             params = group["params"]
@@ -301,8 +322,15 @@ class BSAM(Optimizer):
             index += len(params)
             for b in self._buckets(group, params):
                 xi = None if group_noise is None else [group_noise[p] for p in b.params]
+                counter = self._offset_tensor(b.device) if self._capturable else None
+                devices.add(b.device)
                 self._backend.sample(b, group["num_data"], self._noise_key, offset, xi,
-                                     load_mean=first_part and not b.master_mean)
+                                     load_mean=first_part and not b.master_mean,
+                                     offset_tensor=counter)
+        self._offset += 1
+        if self._capturable:
+            for device in devices:
+                self._offset_tensor(device).add_(1)
         self._phase = _NOISY
 
     def _grads(self, params: list[Tensor]) -> list[Tensor]:
@@ -427,12 +455,16 @@ class BSAM(Optimizer):
             self._all_reduce_u_and_flags(self._found["noisy"])
         scaler_found = getattr(self, "found_inf", None)
         grad_scale = getattr(self, "grad_scale", None)
+        if self._backend.device_side and (self._capturable or self._used_scaler
+                                          or grad_scale is not None or scaler_found is not None):
+            self._update_skipping_on_device(m, grad_scale, scaler_found)
+            return
         bad_noisy = any(f.item() for f in self._found["noisy"].values())
         bad_perturbed = any(f.item() for f in self._found["perturbed"].values())
         bad_scaler = scaler_found is not None and bool(scaler_found.item())
         if bad_noisy or bad_perturbed or bad_scaler:
             self._restore_all()
-            self.skipped_steps += 1
+            self._skipped += 1
             if not (self._used_scaler or bad_scaler or grad_scale is not None):
                 # A non-finite noisy gradient makes the perturbed point, and so the
                 # perturbed gradient, non-finite too: name the first one.
@@ -457,6 +489,37 @@ class BSAM(Optimizer):
                     factor = grad_scale.double().reciprocal().float().to(b.device) / m
                 self._backend.update(b, [p.grad for p in b.params], factor, u_factor, group["lr"],
                                      beta1, beta2, group["weight_decay"], group["damping"])
+        self._reset_step()
+
+    def _update_skipping_on_device(self, m: int, grad_scale: Optional[Tensor],
+                                   scaler_found: Optional[Tensor]) -> None:
+        """The update with no host synchronisation (capturable, GradScaler): the inf/NaN
+        flags are combined on each device and the kernels skip the step themselves."""
+        u_factor = 1.0 / (m * self._world_size)
+        skip: dict[torch.device, Tensor] = {}
+        for group, params in zip(self.param_groups, self._active):
+            active_ids = {id(p) for p in params}
+            for b in self._buckets(group, [p for p in group["params"] if id(p) not in active_ids]):
+                self._backend.restore(b)
+            beta1, beta2 = group["betas"]
+            for b in self._buckets(group, params):
+                device = b.device
+                if device not in skip:
+                    flag = self._found_flag("noisy", device) + self._found_flag("perturbed", device)
+                    if scaler_found is not None:
+                        flag = flag + scaler_found.to(device=device, dtype=flag.dtype)
+                    skip[device] = flag
+                    counter = self._device_skipped.get(device)
+                    if counter is None:
+                        counter = self._device_skipped[device] = torch.zeros((), dtype=torch.int64, device=device)
+                    counter.add_((flag > 0).to(torch.int64).sum())
+                if grad_scale is None:
+                    factor = torch.full((1,), 1.0 / m, device=device)
+                else:
+                    factor = grad_scale.double().reciprocal().float().to(device) / m
+                self._backend.update(b, [p.grad for p in b.params], factor, u_factor, group["lr"],
+                                     beta1, beta2, group["weight_decay"], group["damping"],
+                                     skip_if=skip[device])
         self._reset_step()
 
     def _restore_all(self) -> None:
@@ -609,7 +672,7 @@ class BSAM(Optimizer):
             raise RuntimeError("state_dict() inside an unfinished bSAM step (after "
                                "sample_noise(), before step())")
         sd = super().state_dict()
-        sd["noise"] = {"seed": self._seed, "offset": self._offset}
+        sd["noise"] = {"seed": self._seed, "offset": self.noise_offset}
         sd["skipped_steps"] = self.skipped_steps
         return sd
 
@@ -641,5 +704,8 @@ class BSAM(Optimizer):
             g["betas"] = tuple(g["betas"])
         self._seed = int(state_dict["noise"]["seed"])
         self._offset = int(state_dict["noise"]["offset"])
-        self.skipped_steps = int(state_dict.get("skipped_steps", 0))
+        for counter in self._device_offset.values():
+            counter.fill_(self._offset)
+        self._skipped = int(state_dict.get("skipped_steps", 0))
+        self._device_skipped = {}
         self._reset_step()

@@ -66,7 +66,8 @@ class ReferenceBackend(Backend):
     name = "reference"
 
     def sample(self, b: Bucket, num_data: float, seed: int, offset: int,
-               noise: Optional[Sequence[Tensor]], load_mean: bool) -> None:
+               noise: Optional[Sequence[Tensor]], load_mean: bool,
+               offset_tensor: Optional[Tensor] = None) -> None:
         for i, (p, w, s) in enumerate(zip(b.params, b.means, b.precisions)):
             if load_mean:
                 w.copy_(p)
@@ -92,7 +93,7 @@ class ReferenceBackend(Backend):
 
     def update(self, b: Bucket, grads: list[Tensor], grad_factor: Scalar, u_factor: float,
                lr: Scalar, beta1: float, beta2: float, weight_decay: float,
-               damping: float) -> None:
+               damping: float, skip_if: Optional[Tensor] = None) -> None:
         for p, w, gm, s, usum, grad in zip(b.params, b.means, b.momenta, b.precisions,
                                            b.u_sums, grads):
             g = grad.to(w.dtype) * grad_factor

@@ -82,7 +82,7 @@ inline void check_bases(at::IntArrayRef bases, size_t n) {
 
 inline void check_sample_args(at::TensorList params, at::TensorList means, at::TensorList precisions,
                               at::IntArrayRef bases, const std::optional<at::TensorList>& noise,
-                              at::DeviceType device) {
+                              const std::optional<at::Tensor>& offset_tensor, at::DeviceType device) {
   check_params(params, device);
   if (params.empty()) return;
   const auto op = opmath_of(params[0].scalar_type());
@@ -90,6 +90,13 @@ inline void check_sample_args(at::TensorList params, at::TensorList means, at::T
   check_like(params, precisions, "precisions", op, device);
   check_bases(bases, params.size());
   if (noise) check_like(params, *noise, "noise", op, device);
+  if (offset_tensor) {
+    TORCH_CHECK(offset_tensor->scalar_type() == at::kLong && offset_tensor->numel() == 1,
+                "bsam_fast: offset_tensor must be a one-element int64 tensor, got ", offset_tensor->scalar_type(),
+                " with ", offset_tensor->numel(), " elements");
+    TORCH_CHECK(offset_tensor->device() == params[0].device(), "bsam_fast: offset_tensor must be on ",
+                params[0].device(), ", got ", offset_tensor->device());
+  }
 }
 
 inline void check_perturb_args(at::TensorList params, at::TensorList grads, at::TensorList means,
@@ -109,7 +116,9 @@ inline void check_perturb_args(at::TensorList params, at::TensorList grads, at::
 
 inline void check_update_args(at::TensorList params, at::TensorList means, at::TensorList momenta,
                               at::TensorList precisions, at::TensorList grads, at::TensorList u_sums,
-                              const std::optional<at::Tensor>& grad_factor_tensor, at::DeviceType device) {
+                              const std::optional<at::Tensor>& grad_factor_tensor,
+                              const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& skip_if,
+                              at::DeviceType device) {
   check_params(params, device);
   if (params.empty()) return;
   const auto dtype = params[0].scalar_type();
@@ -120,6 +129,8 @@ inline void check_update_args(at::TensorList params, at::TensorList means, at::T
   check_like(params, u_sums, "u_sums", op, device);
   check_like(params, grads, "grads", dtype, device);
   check_scalar_tensor(grad_factor_tensor, "grad_factor_tensor", params[0].device());
+  check_scalar_tensor(lr_tensor, "lr_tensor", params[0].device());
+  check_scalar_tensor(skip_if, "skip_if", params[0].device());
 }
 
 }  // namespace bsam

@@ -9,8 +9,11 @@
 TORCH_LIBRARY(bsam_fast, m) {
   // params := means + xi / sqrt(num_data * precisions), xi from the Philox stream
   // (seed, offset, bases[i] + element) or from `noise`. load_mean: first means := params.
+  // offset_tensor (one int64 on the params' device), when given, is read in place of
+  // `offset` by the kernel itself, so a captured CUDA graph draws fresh noise at replay.
   m.def("sample_(Tensor(a!)[] params, Tensor(b!)[] means, Tensor[] precisions, int[] bases, "
-        "float num_data, int seed, int offset, bool load_mean, Tensor[]? noise) -> ()");
+        "float num_data, int seed, int offset, bool load_mean, Tensor[]? noise, "
+        "Tensor? offset_tensor=None) -> ()");
   // u_sums (+)= sqrt(s) * |g|;  params := means + rho * g / s, with g = grads * inv_scale.
   // found_inf := 1 if a gradient holds inf or NaN. (The caller then drops the gradients.)
   m.def("perturb_(Tensor(a!)[] params, Tensor[] grads, Tensor[] means, Tensor[] precisions, "
@@ -23,10 +26,14 @@ TORCH_LIBRARY(bsam_fast, m) {
   // 1/scale); u = u_sums * u_factor. With m parts, grads hold the sum of the m perturbed
   // gradients (autograd accumulates them, see optimizer.py).
   // write_mean: also store the new mean in `means` (fp32 masters of bf16/fp16 params).
+  // lr_tensor: a one-element tensor read in place of `lr` (a schedule under CUDA graphs).
+  // skip_if: a one-element float tensor; if it is non-zero the step is skipped on the
+  // device (params := means, no state written), with no host synchronisation.
   m.def("update_(Tensor(a!)[] params, Tensor(b!)[] means, Tensor(c!)[] momenta, "
         "Tensor(d!)[] precisions, Tensor[] grads, Tensor[] u_sums, Tensor? grad_factor_tensor, "
         "float grad_factor, float u_factor, float lr, float beta1, float beta2, "
-        "float weight_decay, float damping, bool write_mean) -> ()");
+        "float weight_decay, float damping, bool write_mean, Tensor? lr_tensor=None, "
+        "Tensor? skip_if=None) -> ()");
   // The stream's normals for each tensor (float32), for tests and tools.
   m.def("normal_(Tensor(a!)[] out, int[] bases, int seed, int offset) -> ()");
 }

@@ -132,9 +132,11 @@ void sample_chunk(scalar_t* __restrict__ p, opmath_t* __restrict__ w, const opma
 
 void sample_cpu(at::TensorList params, at::TensorList means, at::TensorList precisions,
                 at::IntArrayRef bases, double num_data, int64_t seed, int64_t offset,
-                bool load_mean, std::optional<at::TensorList> noise) {
-  check_sample_args(params, means, precisions, bases, noise, at::kCPU);
+                bool load_mean, std::optional<at::TensorList> noise,
+                const std::optional<at::Tensor>& offset_tensor) {
+  check_sample_args(params, means, precisions, bases, noise, offset_tensor, at::kCPU);
   if (params.empty()) return;
+  if (offset_tensor) offset = offset_tensor->item<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "bsam_sample", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const opmath_t n_data = static_cast<opmath_t>(num_data);
@@ -222,9 +224,16 @@ void update_cpu(at::TensorList params, at::TensorList means, at::TensorList mome
                 at::TensorList precisions, at::TensorList grads, at::TensorList u_sums,
                 const std::optional<at::Tensor>& grad_factor_tensor, double grad_factor,
                 double u_factor, double lr, double beta1, double beta2, double weight_decay,
-                double damping, bool write_mean) {
-  check_update_args(params, means, momenta, precisions, grads, u_sums, grad_factor_tensor, at::kCPU);
+                double damping, bool write_mean, const std::optional<at::Tensor>& lr_tensor,
+                const std::optional<at::Tensor>& skip_if) {
+  check_update_args(params, means, momenta, precisions, grads, u_sums, grad_factor_tensor, lr_tensor,
+                    skip_if, at::kCPU);
   if (params.empty()) return;
+  if (skip_if && skip_if->item<double>() != 0.0) {
+    for (size_t i = 0; i < params.size(); ++i) params[i].copy_(means[i]);
+    return;
+  }
+  if (lr_tensor) lr = lr_tensor->item<double>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "bsam_update", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const opmath_t factor = static_cast<opmath_t>(
