@@ -44,7 +44,7 @@ def _extensions():
         print("bsam-fast: no C++ compiler found; building no kernels", file=sys.stderr)
         return [], {}
     arch = os.environ.get("BSAM_CPU_ARCH", "native")
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"]
+    cxx_flags = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"]
     if arch:
         cxx_flags += [f"-march={arch}", "-mprefer-vector-width=512"]
     sources = [s for s in CPU_SOURCES]
@@ -58,7 +58,8 @@ def _extensions():
         sources += CUDA_SOURCES
         define_macros.append(("BSAM_WITH_CUDA", "1"))
         include = os.path.join(os.path.dirname(torch.__file__), os.pardir, "nvidia", "cu13", "include")
-        nvcc = ["-O3", "-std=c++17", "--use_fast_math=false", "-lineinfo"]
+        # --fmad=false: one rounding per operation, as on the CPU (bsam_math.h).
+        nvcc = ["-O3", "--fmad=false", "-lineinfo"]
         if os.path.isdir(include):
             nvcc.append(f"-I{os.path.abspath(include)}")
         extra["nvcc"] = nvcc

@@ -20,13 +20,17 @@ class FusedBackend(Backend):
 
     @classmethod
     def is_available(cls) -> bool:
+        if cls.device_type == "cuda" and not torch.cuda.is_available():
+            return False
         return _ops.has_kernel(cls.device_type)
 
     @classmethod
     def unavailable_reason(cls) -> str:
         if not _ops.is_loaded():
             return f"the extension bsam_fast._C did not load: {_ops.LOAD_ERROR}"
-        return f"the extension was built without {cls.device_type} kernels"
+        if not _ops.has_kernel(cls.device_type):
+            return f"the extension was built without {cls.device_type} kernels"
+        return "no CUDA device is available"
 
     def supports(self, param: Tensor) -> Optional[str]:
         if param.device.type != self.device_type:
