@@ -1,0 +1,53 @@
+"""Predictions with a model trained by BSAM: at the posterior mean, and Bayesian model
+averaging over posterior samples w + xi / sqrt(N * s)."""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .optimizer import BSAM
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """model.eval() inside (BatchNorm uses its running statistics), the old mode after."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes.items():
+            m.train(training)
+
+
+@torch.no_grad()
+def _probs(model: nn.Module, x: Tensor, batch_size: int) -> Tensor:
+    out = [model(x[i:i + batch_size]).float().softmax(-1) for i in range(0, len(x), batch_size)]
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def predict_mean(model: nn.Module, x: Tensor, batch_size: int = 1024) -> Tensor:
+    """Class probabilities at the current parameters (the mean, between bSAM steps)."""
+    with eval_mode(model):
+        return _probs(model, x, batch_size)
+
+
+@torch.no_grad()
+def predict_bma(model: nn.Module, optimizer: BSAM, x: Tensor, samples: int = 32,
+                generator: Optional[torch.Generator] = None, batch_size: int = 1024) -> Tensor:
+    """Bayesian model averaging: softmax probabilities averaged over `samples` posterior
+    samples (each drawn into the model by ``optimizer.sampled_params``; the mean is put
+    back afterwards). The NLL of these averaged probabilities is the predictive NLL."""
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    total = None
+    with eval_mode(model):
+        for _ in range(samples):
+            with optimizer.sampled_params(generator=generator):
+                probs = _probs(model, x, batch_size)
+            total = probs if total is None else total + probs
+    return total / samples
