@@ -59,7 +59,9 @@ class SAM(torch.optim.Optimizer):
             moved = self._ascend()
             try:
                 with torch.enable_grad():
-                    losses.append(closure(k).detach())
+                    loss = closure(k)
+                if isinstance(loss, Tensor):
+                    losses.append(loss.detach())
             finally:
                 self._descend(moved)
             with torch.no_grad():
@@ -69,7 +71,7 @@ class SAM(torch.optim.Optimizer):
         for t, p in zip(total, params):
             p.grad = t
         self.base_optimizer.step()
-        return torch.stack(losses).mean()
+        return torch.stack(losses).mean() if losses else None
 
     def state_dict(self):
         return self.base_optimizer.state_dict()

@@ -55,7 +55,7 @@ def run_table(args) -> dict:
         cfg = Config(method=method, epochs=args.epochs, batch=args.batch, prior_precision=args.prior_precision,
                      m=args.m, seed=args.seed, backend=args.backend, hparams=_hparams(args, method))
         torch.manual_seed(args.seed)
-        model = make_model(args.model)
+        model = _model_for(args.model, x_tr)
         t0 = time.perf_counter()
         opt, ms = train(model, cfg, x_tr, y_tr, progress=not args.no_progress, desc=LABELS[method])
         res = evaluate(model, opt, x_te, y_te, samples=args.samples, seed=args.seed, x_ood=x_ood)
@@ -88,6 +88,13 @@ def run_table(args) -> dict:
         json.dump({"args": vars(args), "results": results}, f, indent=1)
     metrics.reliability_diagram(probs_for_plot, y_te, os.path.join(args.out, "reliability.png"))
     return results
+
+
+def _model_for(name: str, x) -> nn.Module:
+    """The named model, sized for inputs like x (the MLP takes any flattened size)."""
+    if name == "mlp":
+        return make_model(name, in_features=x[0].numel())
+    return make_model(name, in_channels=x.shape[1])
 
 
 def _hparams(args, method) -> dict:
@@ -136,8 +143,14 @@ def run_toy2d(args):
     def fit(opt_fn, steps):
         w = torch.zeros(2, dtype=torch.float64, requires_grad=True)
         opt = opt_fn([w])
+
+        def closure():
+            opt.zero_grad()
+            loss = F.softplus(-ys * (x @ w)).mean()
+            loss.backward()
+            return loss
         for _ in range(steps):
-            opt.step(lambda: (opt.zero_grad(), F.softplus(-ys * (x @ w)).mean().backward()))
+            opt.step(closure)
         return w, opt
     w_sam, _ = fit(lambda p: SAM(p, torch.optim.SGD, rho=args.rho, lr=0.5, weight_decay=delta), args.steps)
     w_bsam, opt_b = fit(lambda p: BSAM(p, lr=0.05, num_data=n, rho=args.rho, weight_decay=delta, damping=0.0,
@@ -255,7 +268,7 @@ def run_rho(args):
         curves[method] = []
         for rho in rhos:
             torch.manual_seed(args.seed)
-            model = make_model(args.model, **({"in_features": x_tr[0].numel()} if args.model == "mlp" else {}))
+            model = _model_for(args.model, x_tr)
             cfg = Config(method=method, epochs=args.epochs, batch=args.batch, prior_precision=args.prior_precision,
                          seed=args.seed, backend=args.backend, hparams={"rho": rho})
             opt, _ = train(model, cfg, x_tr, y_tr)
