@@ -10,12 +10,8 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
-
 from bsam_fast import BSAM, available_backends
-from bsam_fast.baselines import SAM
-from bsam_fast.bench import layout_shapes
-from bsam_fast.models import INPUT_SHAPES, make_model
+from bsam_fast.bench import layout_shapes, training_step
 
 SMOKE = os.environ.get("BSAM_BENCH_SMOKE") == "1"
 SIZE = 20_000 if SMOKE else 10_000_000
@@ -70,28 +66,8 @@ def test_adamw_step(benchmark, impl, layout):
 @pytest.mark.parametrize("method", ["adam", "sam_adam"] + [f"bsam-{b}" for b in BACKENDS])
 @pytest.mark.parametrize("model_name", ["mlp", "lenet5", "resnet20_frn"])
 def test_training_step(benchmark, model_name, method):
-    torch.manual_seed(0)
-    model = make_model(model_name)
-    batch = 8 if SMOKE else 64
-    x, y = torch.randn(batch, *INPUT_SHAPES[model_name]), torch.randint(0, 10, (batch,))
-    if method == "adam":
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    elif method == "sam_adam":
-        opt = SAM(model.parameters(), torch.optim.Adam, rho=0.05, lr=1e-3)
-    else:
-        opt = BSAM(model.parameters(), lr=1e-3, num_data=50_000, backend=method.split("-", 1)[1], seed=0)
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-
-    def step():
-        if method == "adam":
-            closure()
-            opt.step()
-        else:
-            opt.step(closure)
+    backend = method.split("-", 1)[1] if method.startswith("bsam") else None
+    step = training_step(model_name, "bsam" if backend else method, backend, torch.device(DEVICE),
+                         batch=8 if SMOKE else 64)
     run(benchmark, step)
     benchmark.extra_info.update(model=model_name, method=method)

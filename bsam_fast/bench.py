@@ -274,43 +274,52 @@ def plot(records: list[Record], path: str) -> None:
 
 
 # ------------------------------------------------------------------ end to end
-def run_end_to_end(device: torch.device, models, backends, reps: int, batch: int = 64,
-                   progress: bool = True) -> list[dict]:
-    """Time of one training step (synthetic batch) for Adam, SAM-Adam and bSAM per backend."""
+def training_step(model_name: str, method: str, backend: Optional[str], device: torch.device,
+                  batch: int = 64) -> Callable[[], None]:
+    """One training step on a synthetic batch: method "adam", "sam_adam" or "bsam" (with
+    the given backend). Returns the step as a callable."""
     import torch.nn.functional as F
 
     from .baselines import SAM
     from .models import INPUT_SHAPES, make_model
+    x = torch.randn(batch, *INPUT_SHAPES[model_name], device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    torch.manual_seed(0)
+    model = make_model(model_name).to(device)
+    if method == "adam":
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    elif method == "sam_adam":
+        opt = SAM(model.parameters(), torch.optim.Adam, rho=0.05, lr=1e-3)
+    elif method == "bsam":
+        opt = BSAM(model.parameters(), lr=1e-3, num_data=50_000, backend=backend, seed=0)
+    else:
+        raise ValueError(f"unknown method {method!r}")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    def step():
+        if method == "adam":
+            closure()
+            opt.step()
+        else:
+            opt.step(closure)
+    return step
+
+
+def run_end_to_end(device: torch.device, models, backends, reps: int, batch: int = 64,
+                   progress: bool = True) -> list[dict]:
+    """Time of one training step (synthetic batch) for Adam, SAM-Adam and bSAM per backend."""
     results = []
     for name in models:
-        x = torch.randn(batch, *INPUT_SHAPES[name], device=device)
-        y = torch.randint(0, 10, (batch,), device=device)
         rows = {}
         methods = [("adam", None), ("sam_adam", None)] + [("bsam", b) for b in backends]
         for method, backend in methods:
-            torch.manual_seed(0)
-            model = make_model(name).to(device)
-            if method == "adam":
-                opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-            elif method == "sam_adam":
-                opt = SAM(model.parameters(), torch.optim.Adam, rho=0.05, lr=1e-3)
-            else:
-                opt = BSAM(model.parameters(), lr=1e-3, num_data=50_000, backend=backend, seed=0)
-
-            def closure():
-                opt.zero_grad()
-                loss = F.cross_entropy(model(x), y)
-                loss.backward()
-                return loss
-
-            def step():
-                if method == "adam":
-                    closure()
-                    opt.step()
-                else:
-                    opt.step(closure)
             label = method if backend is None else f"bsam[{backend}]"
-            rows[label] = median_ms(step, device, reps)
+            rows[label] = median_ms(training_step(name, method, backend, device, batch), device, reps)
         for label, ms in rows.items():
             results.append({"model": name, "method": label, "device": device.type,
                             "device_name": device_name(device), "batch": batch, "median_ms": ms,

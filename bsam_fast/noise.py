@@ -25,7 +25,6 @@ The numbers are then cast to the parameter's optimizer dtype.
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
@@ -199,6 +198,5 @@ def stream_seed(seed: int, stream: int) -> int:
     return z ^ (z >> 31)
 
 
-__all__ = ["noise_bases", "normal_like", "normal_blocks", "philox4x32",
+__all__ = ["noise_bases", "normal_like", "normal_blocks", "philox4x32", "sqrt_rn",
            "seed_from_default_generator", "stream_seed"]
-_ = math
