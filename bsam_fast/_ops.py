@@ -63,8 +63,11 @@ def sample_(params, means, precisions, bases, num_data, seed, offset, load_mean,
 
 def perturb_(params, grads, means, precisions, u_sums, rho, inv_scale, first_part,
              found_inf) -> None:
-    torch.ops.bsam_fast.perturb_(params, grads, means, precisions, u_sums, float(rho),
-                                 inv_scale, first_part, found_inf)
+    """rho may be a Python number or a one-element tensor on the device."""
+    rho_tensor = rho.to(device=params[0].device, dtype=torch.float64) if isinstance(rho, Tensor) else None
+    torch.ops.bsam_fast.perturb_(params, grads, means, precisions, u_sums,
+                                 0.0 if rho_tensor is not None else float(rho),
+                                 inv_scale, first_part, found_inf, rho_tensor)
 
 
 def check_finite_(tensors, found_inf) -> None:

@@ -229,7 +229,7 @@ def run_moons(args):
         hp = {"lr": 0.01} if method == "sam_adam" else {"lr": 0.05}
         cfg = Config(method=method, epochs=args.epochs, batch=40, prior_precision=args.prior_precision,
                      seed=args.seed, backend=args.backend, hparams=hp)
-        opt, _ = train(model, cfg, x, y)
+        opt, _ = train(model, cfg, x, y, progress=not args.no_progress, desc=LABELS[method])
         if method == "bsam":
             p = predict_bma(model, opt, X, samples=64, generator=torch.Generator().manual_seed(args.seed))
         else:
@@ -271,7 +271,8 @@ def run_rho(args):
             model = _model_for(args.model, x_tr)
             cfg = Config(method=method, epochs=args.epochs, batch=args.batch, prior_precision=args.prior_precision,
                          seed=args.seed, backend=args.backend, hparams={"rho": rho})
-            opt, _ = train(model, cfg, x_tr, y_tr)
+            opt, _ = train(model, cfg, x_tr, y_tr, progress=not args.no_progress,
+                           desc=f"{LABELS[method]} rho={rho}")
             res = evaluate(model, opt, x_te, y_te, samples=args.samples, seed=args.seed)
             r = res["bma"] if method == "bsam" else res["mean"]
             curves[method].append(_json_safe(r))

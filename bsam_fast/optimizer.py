@@ -34,8 +34,11 @@ def _check_hyperparameters(group: dict) -> None:
     if not group["num_data"] > 0:
         raise ValueError(f"Invalid num_data: {group['num_data']} (must be > 0: the number "
                          "of training examples N)")
-    if not group["rho"] >= 0.0:
-        raise ValueError(f"Invalid rho: {group['rho']} (must be >= 0)")
+    rho = group["rho"]
+    if isinstance(rho, Tensor) and rho.numel() != 1:
+        raise ValueError(f"rho must be a float or a one-element tensor, got shape {tuple(rho.shape)}")
+    if not (rho.item() if isinstance(rho, Tensor) else rho) >= 0.0:
+        raise ValueError(f"Invalid rho: {rho} (must be >= 0)")
     betas = group["betas"]
     if len(betas) != 2:
         raise ValueError(f"Invalid betas: {betas} (expected a pair (beta1, beta2))")
@@ -93,10 +96,13 @@ class BSAM(Optimizer):
 
     Args:
         params: tensors, param-group dicts, or (name, tensor) pairs.
-        lr: learning rate (float or one-element tensor).
+        lr: learning rate (float or one-element tensor: a tensor on the parameters' device
+            is read by the kernels, so a schedule that writes it in place also drives a
+            captured CUDA graph).
         num_data: N, the number of training examples; posterior variance is 1/(N*s).
-        rho: SAM perturbation radius (e = rho * g / s, not normalised). 0 gives the
-            Adam-like update without SAM (but still with noise).
+        rho: SAM perturbation radius (e = rho * g / s, not normalised; float or
+            one-element tensor, like lr). 0 gives the Adam-like update without SAM (but
+            still with noise).
         betas: (beta1, beta2) for the momentum and the precision.
         weight_decay: delta = prior precision / N (a Gaussian prior N(0, 1/(N*delta))).
         damping: gamma, added to the precision estimate.

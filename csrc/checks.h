@@ -102,7 +102,7 @@ inline void check_sample_args(at::TensorList params, at::TensorList means, at::T
 inline void check_perturb_args(at::TensorList params, at::TensorList grads, at::TensorList means,
                                at::TensorList precisions, at::TensorList u_sums,
                                const std::optional<at::Tensor>& inv_scale, const at::Tensor& found_inf,
-                               at::DeviceType device) {
+                               const std::optional<at::Tensor>& rho_tensor, at::DeviceType device) {
   check_params(params, device);
   if (params.empty()) return;
   const auto op = opmath_of(params[0].scalar_type());
@@ -111,6 +111,7 @@ inline void check_perturb_args(at::TensorList params, at::TensorList grads, at::
   check_like(params, precisions, "precisions", op, device);
   check_like(params, u_sums, "u_sums", op, device);
   check_scalar_tensor(inv_scale, "inv_scale", params[0].device());
+  check_scalar_tensor(rho_tensor, "rho_tensor", params[0].device());
   check_found_inf(found_inf, device, params[0].device());
 }
 

@@ -16,9 +16,10 @@ TORCH_LIBRARY(bsam_fast, m) {
         "Tensor? offset_tensor=None) -> ()");
   // u_sums (+)= sqrt(s) * |g|;  params := means + rho * g / s, with g = grads * inv_scale.
   // found_inf := 1 if a gradient holds inf or NaN. (The caller then drops the gradients.)
+  // rho_tensor: a one-element tensor read in place of `rho` (a schedule under CUDA graphs).
   m.def("perturb_(Tensor(a!)[] params, Tensor[] grads, Tensor[] means, Tensor[] precisions, "
         "Tensor(b!)[] u_sums, float rho, Tensor? inv_scale, bool first_part, "
-        "Tensor(c!) found_inf) -> ()");
+        "Tensor(c!) found_inf, Tensor? rho_tensor=None) -> ()");
   // found_inf := 1 if a tensor holds inf or NaN.
   m.def("check_finite_(Tensor[] tensors, Tensor(a!) found_inf) -> ()");
   // Momentum, mean and precision update; params := new mean. g = grads * factor with

@@ -67,3 +67,17 @@ def test_tensor_lr_equals_float_lr(backend):
     w = [p.detach().clone() for p in b.parameters()]
     train(b, opt_b, 1)
     assert all(torch.equal(p.detach(), w0) for p, w0 in zip(b.parameters(), w))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tensor_rho_equals_float_rho(backend):
+    a, b = make_model(), make_model()
+    opt_a = BSAM(a.parameters(), lr=0.05, rho=0.07, num_data=100, backend=backend, seed=3)
+    opt_b = BSAM(b.parameters(), lr=0.05, rho=torch.tensor(0.07), num_data=100, backend=backend, seed=3)
+    train(a, opt_a, 2)
+    train(b, opt_b, 2)
+    sa, sb = snapshot(a, opt_a), snapshot(b, opt_b)
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=1e-6, atol=1e-8)
+    with pytest.raises(ValueError, match="rho"):
+        BSAM(make_model().parameters(), lr=0.1, num_data=10, rho=torch.tensor(-1.0))

@@ -164,6 +164,24 @@ def test_cuda_graph_replay_equals_eager():
     assert opt_g.noise_offset == opt_e.noise_offset   # the counter advanced on the device
 
 
+def test_bf16_autocast_training():
+    torch.manual_seed(0)
+    model = make_model().to(DEV)
+    opt = BSAM(model.parameters(), lr=0.05, num_data=100, backend="cuda", seed=2)
+    x, y = torch.randn(64, 1, 5, 5, device=DEV), torch.randint(0, 3, (64,), device=DEV)
+    losses = []
+    for _ in range(30):
+        def closure():
+            opt.zero_grad()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+        losses.append(float(opt.step(closure)))
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
+    assert losses[-1] < losses[0]
+
+
 def test_hundreds_of_small_tensors_match_reference():
     g = torch.Generator().manual_seed(3)
     shapes = [(int(n),) for n in torch.randint(1, 300, (700,), generator=g)]

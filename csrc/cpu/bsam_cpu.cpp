@@ -170,9 +170,11 @@ bool perturb_chunk(scalar_t* __restrict__ p, const scalar_t* __restrict__ grad, 
 
 void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList means,
                  at::TensorList precisions, at::TensorList u_sums, double rho,
-                 const std::optional<at::Tensor>& inv_scale, bool first_part, const at::Tensor& found_inf) {
-  check_perturb_args(params, grads, means, precisions, u_sums, inv_scale, found_inf, at::kCPU);
+                 const std::optional<at::Tensor>& inv_scale, bool first_part, const at::Tensor& found_inf,
+                 const std::optional<at::Tensor>& rho_tensor) {
+  check_perturb_args(params, grads, means, precisions, u_sums, inv_scale, found_inf, rho_tensor, at::kCPU);
   if (params.empty()) return;
+  if (rho_tensor) rho = rho_tensor->item<double>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "bsam_perturb", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     // Unscaled gradients are multiplied by exactly 1, which changes no bit.

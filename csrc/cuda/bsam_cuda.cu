@@ -168,9 +168,10 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(TensorListArgs<4> a, o
 }
 
 template <typename scalar_t, typename opmath_t, bool kFirstPart>
-__global__ void __launch_bounds__(kThreads) perturb_kernel(TensorListArgs<5> a, opmath_t rho, const float* inv_scale,
-                                                           float* found_inf) {
+__global__ void __launch_bounds__(kThreads) perturb_kernel(TensorListArgs<5> a, opmath_t rho, const double* rho_ptr,
+                                                           const float* inv_scale, float* found_inf) {
   const opmath_t inv = inv_scale ? static_cast<opmath_t>(*inv_scale) : opmath_t(1);
+  if (rho_ptr) rho = static_cast<opmath_t>(*rho_ptr);
   bool bad = false;
   for_each_quad(a, [&](int t, int64_t i, int n) {
     opmath_t g[4], w[4], s[4], u[4], out[4];
@@ -283,19 +284,24 @@ void sample_cuda(at::TensorList params, at::TensorList means, at::TensorList pre
 
 void perturb_cuda(at::TensorList params, at::TensorList grads, at::TensorList means, at::TensorList precisions,
                   at::TensorList u_sums, double rho, const std::optional<at::Tensor>& inv_scale, bool first_part,
-                  const at::Tensor& found_inf) {
-  check_perturb_args(params, grads, means, precisions, u_sums, inv_scale, found_inf, at::kCUDA);
+                  const at::Tensor& found_inf, const std::optional<at::Tensor>& rho_tensor) {
+  check_perturb_args(params, grads, means, precisions, u_sums, inv_scale, found_inf, rho_tensor, at::kCUDA);
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
   const auto stream = at::cuda::getCurrentCUDAStream();
-  at::Tensor holder;
+  at::Tensor holder, rho_holder;
   const float* inv = float_ptr_or_null(inv_scale, holder);
+  const double* rho_ptr = nullptr;
+  if (rho_tensor) {
+    rho_holder = rho_tensor->to(at::kDouble).contiguous();
+    rho_ptr = rho_holder.data_ptr<double>();
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "bsam_perturb_cuda", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     with_flag(first_part, [&](auto kFirst) {
       for_each_launch<5>({params, grads, means, precisions, u_sums}, nullptr, [&](const TensorListArgs<5>& a, int64_t chunks) {
         perturb_kernel<scalar_t, opmath_t, decltype(kFirst)::value><<<grid_for(chunks), kThreads, 0, stream>>>(
-            a, static_cast<opmath_t>(rho), inv, found_inf.data_ptr<float>());
+            a, static_cast<opmath_t>(rho), rho_ptr, inv, found_inf.data_ptr<float>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
