@@ -34,6 +34,21 @@ OOD_PARTNER = {"mnist": "fashion_mnist", "fashion_mnist": "mnist"}
 LABELS = {"sgd": "SGD", "adam": "Adam", "sam_sgd": "SAM-SGD", "sam_adam": "SAM-Adam", "bsam": "bSAM"}
 
 
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _report(summary: dict, json_path: str, figure_path: str) -> dict:
+    with open(json_path, "w") as f:
+        json.dump(summary, f, indent=1)
+    print(json.dumps(summary, indent=1))
+    print(f"wrote {figure_path}")
+    return summary
+
+
 def _json_safe(d):
     return {k: v for k, v in d.items() if k != "probs"}
 
@@ -122,9 +137,7 @@ def _toy_data(n=60, seed=0):
 
 def run_toy2d(args):
     """2-parameter logistic regression p(y=1|x) = sigmoid(w.x), prior N(0, 1/(N delta))."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     os.makedirs(args.out, exist_ok=True)
     x, y = _toy_data(seed=args.seed)
     n, delta = len(x), args.prior_precision / len(x)
@@ -202,19 +215,13 @@ def run_toy2d(args):
     summary = {"mean_exact": mean_exact.tolist(), "mean_bsam": w_bsam.detach().tolist(), "w_sam": w_sam.detach().tolist(),
                "std_exact": cov_exact.diag().sqrt().tolist(), "std_bsam": cov_bsam.diag().sqrt().tolist(),
                "std_laplace": cov_laplace.diag().sqrt().tolist()}
-    with open(os.path.join(args.out, "toy2d.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    print(json.dumps(summary, indent=1))
-    print(f"wrote {path}")
-    return summary
+    return _report(summary, os.path.join(args.out, "toy2d.json"), path)
 
 
 # ------------------------------------------------------------------ two moons
 def run_moons(args):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from sklearn.datasets import make_moons
+    plt = _pyplot()
     os.makedirs(args.out, exist_ok=True)
     xs, ys = make_moons(n_samples=400, noise=0.15, random_state=args.seed)
     x, y = torch.tensor(xs, dtype=torch.float32), torch.tensor(ys)
@@ -247,16 +254,12 @@ def run_moons(args):
     plt.close(fig)
     far = (X.norm(dim=1) > 2.5)
     summary = {name: {"mean_confidence_far_from_data": conf[far].mean().item()} for name, conf in panels.items()}
-    print(json.dumps(summary, indent=1))
-    print(f"wrote {path}")
-    return summary
+    return _report(summary, os.path.join(args.out, "moons.json"), path)
 
 
 # ------------------------------------------------------------------ rho sensitivity
 def run_rho(args):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     os.makedirs(args.out, exist_ok=True)
     x_tr, y_tr = data.load(args.dataset, "train", args.data_root)
     x_te, y_te = data.load(args.dataset, "test", args.data_root)

@@ -7,7 +7,6 @@ The arithmetic lives in the backends (``reference.py``, ``foreach.py``, ``fused.
 from __future__ import annotations
 
 import contextlib
-import math
 import warnings
 from collections import defaultdict
 from typing import Callable, Iterator, Optional, Sequence

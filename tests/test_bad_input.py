@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from bsam_fast import BSAM, split_batch
-from helpers import closure_for, make_data, make_model, snapshot, train
+from helpers import make_data, make_model, snapshot, train
 
 
 def params():

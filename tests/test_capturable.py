@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from bsam_fast import BSAM, _ops
 from conftest import BACKENDS
-from helpers import closure_for, make_data, make_model, snapshot, train
+from helpers import make_data, make_model, snapshot, train
 
 fused = pytest.mark.skipif(not _ops.has_kernel("cpu"), reason="CPU kernels not built")
 

@@ -2,7 +2,6 @@
 import json
 
 import pytest
-import torch
 
 from bsam_fast import demo, experiments
 from bsam_fast.training import METHODS

@@ -1,6 +1,5 @@
 """Posterior predictions and the offline data loaders."""
 import gzip
-import os
 import pickle
 import struct
 
