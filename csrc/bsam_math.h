@@ -138,12 +138,19 @@ BSAM_HD void normal4(uint64_t seed, uint64_t offset, uint64_t block, float out[4
 }
 
 // ---------------------------------------------------------------- the update, per element
-// Each line as in bsam_fast/reference.py, with the same order of operations.
-template <typename T>
-BSAM_HD T noisy_point(T w, T s, T xi, T num_data) { return w + xi / std::sqrt(num_data * s); }
+// Each line as in bsam_fast/reference.py, with the same order of operations. T is the
+// arithmetic type: float or double, or a SIMD vector of them on the CPU (bsam_cpu.cpp
+// declares sqrt_of/abs_of for at::vec::Vectorized before including this header).
+BSAM_HD float sqrt_of(float x) { return sqrtf(x); }
+BSAM_HD double sqrt_of(double x) { return sqrt(x); }
+BSAM_HD float abs_of(float x) { return fabsf(x); }
+BSAM_HD double abs_of(double x) { return fabs(x); }
 
 template <typename T>
-BSAM_HD T gradient_magnitude(T s, T g) { return std::sqrt(s) * std::fabs(g); }
+BSAM_HD T noisy_point(T w, T s, T xi, T num_data) { return w + xi / sqrt_of(num_data * s); }
+
+template <typename T>
+BSAM_HD T gradient_magnitude(T s, T g) { return sqrt_of(s) * abs_of(g); }
 
 template <typename T>
 BSAM_HD T perturbed_point(T w, T s, T g, T rho) { return w + (rho * g) / s; }

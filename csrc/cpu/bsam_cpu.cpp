@@ -3,9 +3,12 @@
 // Each op makes one pass over all tensors of its list: the tensors are cut into chunks of
 // kChunk elements, and at::parallel_for spreads the chunks over threads. Inner loops work
 // on tiles of kTile elements with plain arithmetic from bsam_math.h, which the compiler
-// vectorises. Noise is a pure function of the global element index, so it does not depend
-// on the number of threads or on where chunks begin.
+// vectorises: at::vec::Vectorized for fp32/fp64 parameters, scalar loops for bf16/fp16
+// (converted to fp32) and tails. The formulas are bsam_math.h's, instantiated for both.
+// Noise is a pure function of the global element index, so it does not depend on the
+// number of threads or on where chunks begin.
 #include <ATen/ATen.h>
+#include <ATen/cpu/vec/vec.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -16,11 +19,34 @@
 #include <type_traits>
 #include <vector>
 
+namespace bsam {
+// Vector forms of the two non-arithmetic operations bsam_math.h's formulas use; declared
+// before the header so that its templates find them.
+template <typename T>
+at::vec::Vectorized<T> sqrt_of(const at::vec::Vectorized<T>& x) { return x.sqrt(); }
+template <typename T>
+at::vec::Vectorized<T> abs_of(const at::vec::Vectorized<T>& x) { return x.abs(); }
+}  // namespace bsam
+
 #include "../bsam_math.h"
 #include "../checks.h"
 
 namespace bsam {
 namespace {
+
+template <typename T>
+using Vec = at::vec::Vectorized<T>;
+
+// OR of non_finite() over the lanes of an accumulator of (x - x) terms (0, or NaN once any
+// x was inf or NaN).
+template <typename T>
+bool any_non_finite(const Vec<T>& acc) {
+  __at_align__ T lanes[Vec<T>::size()];
+  acc.store(lanes);
+  uint32_t bad = 0;
+  for (int64_t i = 0; i < Vec<T>::size(); ++i) bad |= non_finite(lanes[i]);
+  return bad != 0;
+}
 
 constexpr int64_t kChunk = 1 << 15;  // elements per parallel task (a multiple of kTile)
 constexpr int64_t kTile = 256;       // elements per inner loop (a multiple of 4)
@@ -122,7 +148,17 @@ void sample_chunk(scalar_t* __restrict__ p, opmath_t* __restrict__ w, const opma
     } else {
       stream_tile(seed, offset, base + j, n, z);
     }
-    for (int64_t k = 0; k < n; ++k) {
+    int64_t k = 0;
+    if constexpr (std::is_same_v<scalar_t, opmath_t>) {
+      using V = Vec<opmath_t>;
+      const V nd(n_data);
+      for (; k + V::size() <= n; k += V::size()) {
+        const V mean = kLoadMean ? V::loadu(p + j + k) : V::loadu(w + j + k);
+        if (kLoadMean) mean.store(w + j + k);
+        noisy_point(mean, V::loadu(s + j + k), V::loadu(xi + k), nd).store(p + j + k);
+      }
+    }
+    for (; k < n; ++k) {
       const opmath_t mean = kLoadMean ? static_cast<opmath_t>(p[j + k]) : w[j + k];
       if (kLoadMean) w[j + k] = mean;
       p[j + k] = static_cast<scalar_t>(noisy_point(mean, s[j + k], xi[k], n_data));
@@ -158,7 +194,22 @@ bool perturb_chunk(scalar_t* __restrict__ p, const scalar_t* __restrict__ grad, 
                    const opmath_t* __restrict__ s, opmath_t* __restrict__ u, int64_t begin, int64_t end,
                    opmath_t rho, opmath_t inv_scale) {
   uint32_t bad = 0;
-  for (int64_t j = begin; j < end; ++j) {
+  int64_t j = begin;
+  if constexpr (std::is_same_v<scalar_t, opmath_t>) {
+    using V = Vec<opmath_t>;
+    const V inv(inv_scale), r(rho);
+    V acc(0);
+    for (; j + V::size() <= end; j += V::size()) {
+      const V g = V::loadu(grad + j) * inv;
+      acc = acc + (g - g);
+      const V sv = V::loadu(s + j);
+      const V magnitude = gradient_magnitude(sv, g);
+      (kFirstPart ? magnitude : V::loadu(u + j) + magnitude).store(u + j);
+      perturbed_point(V::loadu(w + j), sv, g, r).store(p + j);
+    }
+    bad |= any_non_finite(acc);
+  }
+  for (; j < end; ++j) {
     const opmath_t g = static_cast<opmath_t>(grad[j]) * inv_scale;
     bad |= non_finite(g);
     const opmath_t magnitude = gradient_magnitude(s[j], g);
@@ -212,7 +263,22 @@ void update_chunk(scalar_t* __restrict__ p, opmath_t* __restrict__ w, opmath_t* 
                   opmath_t* __restrict__ s, const scalar_t* __restrict__ grad, const opmath_t* __restrict__ u,
                   int64_t begin, int64_t end, opmath_t grad_factor, opmath_t u_factor,
                   const UpdateCoefficients<opmath_t>& coef) {
-  for (int64_t j = begin; j < end; ++j) {
+  int64_t j = begin;
+  if constexpr (std::is_same_v<scalar_t, opmath_t>) {
+    using V = Vec<opmath_t>;
+    const UpdateCoefficients<V> vcoef{V(coef.lr), V(coef.beta1), V(coef.one_minus_beta1), V(coef.beta2),
+                                      V(coef.one_minus_beta2), V(coef.weight_decay), V(coef.damping)};
+    const V gf(grad_factor), uf(u_factor);
+    for (; j + V::size() <= end; j += V::size()) {
+      V w_j = V::loadu(w + j), gm_j = V::loadu(gm + j), s_j = V::loadu(s + j);
+      posterior_update(w_j, gm_j, s_j, V::loadu(grad + j) * gf, V::loadu(u + j) * uf, vcoef);
+      gm_j.store(gm + j);
+      s_j.store(s + j);
+      if (kWriteMean) w_j.store(w + j);
+      w_j.store(p + j);
+    }
+  }
+  for (; j < end; ++j) {
     opmath_t w_j = w[j], gm_j = gm[j], s_j = s[j];
     posterior_update(w_j, gm_j, s_j, static_cast<opmath_t>(grad[j]) * grad_factor, u[j] * u_factor, coef);
     gm[j] = gm_j;
