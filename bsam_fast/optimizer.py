@@ -121,7 +121,7 @@ class BSAM(Optimizer):
                  betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0,
                  damping: float = 0.1, s_init: float = 1.0, *, backend: str = "auto",
                  seed: Optional[int] = None, process_group=None, capturable: bool = False):
-        if isinstance(backend, str) is False:
+        if not isinstance(backend, str):
             raise ValueError(f"Invalid backend: {backend!r} (expected a string)")
         defaults = dict(lr=lr, num_data=num_data, rho=rho, betas=tuple(betas),
                         weight_decay=weight_decay, damping=damping, s_init=s_init)
