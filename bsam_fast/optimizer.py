@@ -67,6 +67,11 @@ def _check_parameter(p: Tensor) -> None:
         raise ValueError("BSAM does not support sparse parameters")
 
 
+def _inverse(scale: Tensor) -> Tensor:
+    """1/scale of a GradScaler's scale, on its device, as float32 (computed in float64)."""
+    return scale.double().reciprocal().float()
+
+
 def split_batch(*tensors: Tensor, m: int) -> list[tuple[Tensor, ...]]:
     """Split tensors along dim 0 into m equal parts: [(x_0, y_0, ...), ...].
 
@@ -371,7 +376,7 @@ class BSAM(Optimizer):
                 raise RuntimeError("perturb(grad_scaler=...): the scaler has not scaled a "
                                    "loss yet (call scaler.scale(loss).backward() first)")
             self._used_scaler = True
-            inv_scale = scale.double().reciprocal().float()
+            inv_scale = _inverse(scale)
         active = [[p for p in g["params"] if p.grad is not None] for g in self.param_groups]
         try:
             for params in active:
@@ -480,51 +485,42 @@ class BSAM(Optimizer):
                               stacklevel=3)
             self._reset_step()
             return
-        u_factor = 1.0 / (m * self._world_size)      # u_sums were summed over ranks
-        for group, params in zip(self.param_groups, self._active):
-            active_ids = {id(p) for p in params}
-            idle = [p for p in group["params"] if id(p) not in active_ids]
-            for b in self._buckets(group, idle):
-                self._backend.restore(b)
-            beta1, beta2 = group["betas"]
-            for b in self._buckets(group, params):
-                if grad_scale is None:
-                    factor = 1.0 / m
-                else:
-                    factor = grad_scale.double().reciprocal().float().to(b.device) / m
-                self._backend.update(b, [p.grad for p in b.params], factor, u_factor, group["lr"],
-                                     beta1, beta2, group["weight_decay"], group["damping"])
-        self._reset_step()
+        self._apply_update(m, grad_scale)
 
     def _update_skipping_on_device(self, m: int, grad_scale: Optional[Tensor],
                                    scaler_found: Optional[Tensor]) -> None:
         """The update with no host synchronisation (capturable, GradScaler): the inf/NaN
         flags are combined on each device and the kernels skip the step themselves."""
-        u_factor = 1.0 / (m * self._world_size)
         skip: dict[torch.device, Tensor] = {}
+
+        def skip_flag(device: torch.device) -> Tensor:
+            if device not in skip:
+                flag = self._found_flag("noisy", device) + self._found_flag("perturbed", device)
+                if scaler_found is not None:
+                    flag = flag + scaler_found.to(device=device, dtype=flag.dtype)
+                skip[device] = flag
+                counter = self._device_skipped.get(device)
+                if counter is None:
+                    counter = self._device_skipped[device] = torch.zeros((), dtype=torch.int64, device=device)
+                counter.add_((flag > 0).to(torch.int64).sum())
+            return skip[device]
+        self._apply_update(m, grad_scale, skip_flag)
+
+    def _apply_update(self, m: int, grad_scale: Optional[Tensor],
+                      skip_flag: Optional[Callable[[torch.device], Tensor]] = None) -> None:
+        """Mean back into the parameters without a gradient; the posterior update for the
+        rest (skipped on the device where skip_flag(device) is non-zero)."""
+        u_factor = 1.0 / (m * self._world_size)      # u_sums were summed over ranks
         for group, params in zip(self.param_groups, self._active):
             active_ids = {id(p) for p in params}
             for b in self._buckets(group, [p for p in group["params"] if id(p) not in active_ids]):
                 self._backend.restore(b)
             beta1, beta2 = group["betas"]
             for b in self._buckets(group, params):
-                device = b.device
-                if device not in skip:
-                    flag = self._found_flag("noisy", device) + self._found_flag("perturbed", device)
-                    if scaler_found is not None:
-                        flag = flag + scaler_found.to(device=device, dtype=flag.dtype)
-                    skip[device] = flag
-                    counter = self._device_skipped.get(device)
-                    if counter is None:
-                        counter = self._device_skipped[device] = torch.zeros((), dtype=torch.int64, device=device)
-                    counter.add_((flag > 0).to(torch.int64).sum())
-                if grad_scale is None:
-                    factor = torch.full((1,), 1.0 / m, device=device)
-                else:
-                    factor = grad_scale.double().reciprocal().float().to(device) / m
+                factor = 1.0 / m if grad_scale is None else _inverse(grad_scale).to(b.device) / m
                 self._backend.update(b, [p.grad for p in b.params], factor, u_factor, group["lr"],
                                      beta1, beta2, group["weight_decay"], group["damping"],
-                                     skip_if=skip[device])
+                                     skip_if=None if skip_flag is None else skip_flag(b.device))
         self._reset_step()
 
     def _restore_all(self) -> None:
