@@ -29,6 +29,26 @@ def _have_cxx() -> bool:
     return shutil.which(cxx.split()[0]) is not None
 
 
+def _pip_cuda_headers_missing_from(cuda_home, torch):
+    """The include folder of torch's pip CUDA packages (site-packages/nvidia/cu13/include)
+    if CUDA_HOME lacks headers that it has (a toolkit with nvcc but without cuBLAS or
+    cuSPARSE headers, as on CI); else None, so that CUDA_HOME's headers, which match its
+    nvcc, are the only ones used."""
+    include = os.path.abspath(os.path.join(os.path.dirname(torch.__file__), os.pardir, "nvidia",
+                                           "cu13", "include"))
+    if not os.path.isdir(include):
+        return None
+    own = os.path.join(cuda_home, "include")
+    needed = ("cublas_v2.h", "cusparse.h", "cusolverDn.h", "curand.h", "cufft.h")
+    missing = [h for h in needed
+               if os.path.exists(os.path.join(include, h)) and not os.path.exists(os.path.join(own, h))]
+    if not missing:
+        return None
+    print(f"bsam-fast: {own} lacks {', '.join(missing)}; using {include} after it",
+          file=sys.stderr)
+    return include
+
+
 def _extensions():
     if os.environ.get("BSAM_NO_EXTENSION") == "1":
         print("bsam-fast: BSAM_NO_EXTENSION=1, building no kernels", file=sys.stderr)
@@ -57,11 +77,12 @@ def _extensions():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         sources += CUDA_SOURCES
         define_macros.append(("BSAM_WITH_CUDA", "1"))
-        include = os.path.join(os.path.dirname(torch.__file__), os.pardir, "nvidia", "cu13", "include")
         # --fmad=false: one rounding per operation, as on the CPU (bsam_math.h).
         nvcc = ["-O3", "--fmad=false", "-lineinfo"]
-        if os.path.isdir(include):
-            nvcc.append(f"-I{os.path.abspath(include)}")
+        pip_include = _pip_cuda_headers_missing_from(cpp_extension.CUDA_HOME, torch)
+        if pip_include:
+            # -isystem: searched after every -I, so CUDA_HOME's own headers always win.
+            nvcc += ["-isystem", pip_include]
         extra["nvcc"] = nvcc
         ext_cls = cpp_extension.CUDAExtension
         print(f"bsam-fast: building CPU and CUDA kernels (CUDA_HOME={cpp_extension.CUDA_HOME}, "

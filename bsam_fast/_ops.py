@@ -76,8 +76,10 @@ def check_finite_(tensors, found_inf) -> None:
 
 def update_(params, means, momenta, precisions, grads, u_sums, grad_factor, u_factor, lr,
             beta1, beta2, weight_decay, damping, write_mean, skip_if: Optional[Tensor] = None) -> None:
-    """grad_factor and lr may be Python numbers or one-element tensors on the device."""
-    factor_tensor = grad_factor.float() if isinstance(grad_factor, Tensor) else None
+    """grad_factor and lr may be Python numbers or one-element tensors on the device; both
+    kernels read tensors as float64 (lr and rho too), the precision of the arithmetic for
+    float64 parameters."""
+    factor_tensor = grad_factor.to(dtype=torch.float64) if isinstance(grad_factor, Tensor) else None
     factor = 1.0 if factor_tensor is not None else float(grad_factor)
     lr_tensor = lr.to(device=params[0].device, dtype=torch.float64) if isinstance(lr, Tensor) else None
     lr_value = 0.0 if lr_tensor is not None else float(lr)

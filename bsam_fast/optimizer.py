@@ -72,6 +72,12 @@ def _inverse(scale: Tensor) -> Tensor:
     return scale.double().reciprocal().float()
 
 
+def _grad_factor(inv_scale: Tensor, m: int, b: Bucket) -> Tensor:
+    """inv_scale / m on the bucket's device, in its opmath dtype (float64 for float64
+    parameters: every backend reads the factor in the arithmetic's precision)."""
+    return inv_scale.to(device=b.device, dtype=torch.float64).div(m).to(b.means[0].dtype)
+
+
 def split_batch(*tensors: Tensor, m: int) -> list[tuple[Tensor, ...]]:
     """Split tensors along dim 0 into m equal parts: [(x_0, y_0, ...), ...].
 
@@ -151,10 +157,20 @@ class BSAM(Optimizer):
             raise ValueError(f"capturable=True needs a fused backend ('cuda' or 'cpu'), not "
                              f"{self.backend!r}")
         self._capturable = bool(capturable)
-        # capturable: the noise counter and the skip count live on each parameter device,
-        # advanced by kernels, so a CUDA graph of a whole step replays with fresh noise.
+        # capturable: the noise counter lives on each parameter device, advanced by
+        # kernels, so a CUDA graph of a whole step replays with fresh noise. The counters
+        # exist from the start: creating one inside a graph capture would be too late, and
+        # after replays the host's _offset no longer knows the position.
         self._device_offset: dict[torch.device, Tensor] = {}
-        self._device_skipped: dict[torch.device, Tensor] = {}
+        if self._capturable:
+            for p in all_params:
+                self._offset_tensor(p.device)
+        # Steps skipped on the device (capturable / GradScaler steps): one counter, so that
+        # a step is counted once however many devices it spans; made here when capturable
+        # (made inside a capture, its zero-fill would be replayed with every step).
+        self._device_skipped: Optional[Tensor] = None
+        if self._capturable and all_params:
+            self._device_skipped = torch.zeros((), dtype=torch.int64, device=all_params[0].device)
         self._phase = _IDLE
         self._scratch: dict[Tensor, dict[str, Tensor]] = {}
         self._reset_step()
@@ -209,11 +225,20 @@ class BSAM(Optimizer):
     def skipped_steps(self) -> int:
         """Steps skipped because a gradient held inf or NaN (reads the device counters of
         capturable / GradScaler steps, which synchronises)."""
-        return self._skipped + sum(int(t.item()) for t in self._device_skipped.values())
+        device_count = 0 if self._device_skipped is None else int(self._device_skipped.item())
+        return self._skipped + device_count
 
     def _offset_tensor(self, device: torch.device) -> Tensor:
+        """The device noise counter of `device` (capturable). A new one copies an existing
+        device counter (the host's _offset is stale once a graph has replayed steps); the
+        first is filled by a kernel, not copied from the host."""
         if device not in self._device_offset:
-            self._device_offset[device] = torch.tensor([self._offset], dtype=torch.int64, device=device)
+            if self._device_offset:
+                source = next(iter(self._device_offset.values()))
+                self._device_offset[device] = source.to(device, copy=True)
+            else:
+                self._device_offset[device] = torch.full((1,), self._offset, dtype=torch.int64,
+                                                         device=device)
         return self._device_offset[device]
 
     def add_param_group(self, param_group: dict) -> None:
@@ -233,6 +258,9 @@ class BSAM(Optimizer):
                 if reason is not None:
                     raise ValueError(f"backend {self.backend!r} cannot handle a parameter: "
                                      f"{reason}")
+        if getattr(self, "_capturable", False):
+            for p in group["params"]:
+                self._offset_tensor(p.device)
 
     def _reset_step(self) -> None:
         self._phase = _IDLE
@@ -240,6 +268,7 @@ class BSAM(Optimizer):
         self._active: list[list[Tensor]] = []
         self._found = {"noisy": {}, "perturbed": {}}
         self._used_scaler = False
+        self._scaler_inv_scale: Optional[Tensor] = None   # 1/scale of perturb(grad_scaler=)
         self._banked: list[list[Tensor]] = []
 
     def _init_state(self, group: dict, p: Tensor) -> dict:
@@ -377,6 +406,9 @@ class BSAM(Optimizer):
                                    "loss yet (call scaler.scale(loss).backward() first)")
             self._used_scaler = True
             inv_scale = _inverse(scale)
+            # Kept for step(): the perturbed gradients carry the same scale, also when the
+            # step is finished by opt.step() rather than scaler.step(opt).
+            self._scaler_inv_scale = inv_scale
         active = [[p for p in g["params"] if p.grad is not None] for g in self.param_groups]
         try:
             for params in active:
@@ -490,20 +522,29 @@ class BSAM(Optimizer):
     def _update_skipping_on_device(self, m: int, grad_scale: Optional[Tensor],
                                    scaler_found: Optional[Tensor]) -> None:
         """The update with no host synchronisation (capturable, GradScaler): the inf/NaN
-        flags are combined on each device and the kernels skip the step themselves."""
-        skip: dict[torch.device, Tensor] = {}
+        flags of every device (and the scaler's) are summed into one flag, so the kernels
+        skip the step on all devices or on none, and it is counted once."""
+        flags = [f for kind in ("noisy", "perturbed") for f in self._found[kind].values()]
+        if scaler_found is not None:
+            flags.append(scaler_found)
+        home = self._device_skipped.device if self._device_skipped is not None else \
+            flags[0].device if flags else None
+        total = None
+        for flag in flags:
+            flag = flag.to(device=home, dtype=torch.float32)
+            total = flag if total is None else total + flag
+        if total is None:                                  # nothing to check: never skip
+            self._apply_update(m, grad_scale)
+            return
+        if self._device_skipped is None:
+            self._device_skipped = torch.zeros((), dtype=torch.int64, device=home)
+        self._device_skipped.add_((total > 0).to(torch.int64).sum())
+        per_device: dict[torch.device, Tensor] = {home: total}
 
         def skip_flag(device: torch.device) -> Tensor:
-            if device not in skip:
-                flag = self._found_flag("noisy", device) + self._found_flag("perturbed", device)
-                if scaler_found is not None:
-                    flag = flag + scaler_found.to(device=device, dtype=flag.dtype)
-                skip[device] = flag
-                counter = self._device_skipped.get(device)
-                if counter is None:
-                    counter = self._device_skipped[device] = torch.zeros((), dtype=torch.int64, device=device)
-                counter.add_((flag > 0).to(torch.int64).sum())
-            return skip[device]
+            if device not in per_device:
+                per_device[device] = total.to(device)
+            return per_device[device]
         self._apply_update(m, grad_scale, skip_flag)
 
     def _apply_update(self, m: int, grad_scale: Optional[Tensor],
@@ -511,13 +552,16 @@ class BSAM(Optimizer):
         """Mean back into the parameters without a gradient; the posterior update for the
         rest (skipped on the device where skip_flag(device) is non-zero)."""
         u_factor = 1.0 / (m * self._world_size)      # u_sums were summed over ranks
+        # The perturbed gradients' scale: scaler.step(opt) sets grad_scale; a step finished
+        # by opt.step() after perturb(grad_scaler=) uses the scale perturb() saw.
+        inv_scale = _inverse(grad_scale) if grad_scale is not None else self._scaler_inv_scale
         for group, params in zip(self.param_groups, self._active):
             active_ids = {id(p) for p in params}
             for b in self._buckets(group, [p for p in group["params"] if id(p) not in active_ids]):
                 self._backend.restore(b)
             beta1, beta2 = group["betas"]
             for b in self._buckets(group, params):
-                factor = 1.0 / m if grad_scale is None else _inverse(grad_scale).to(b.device) / m
+                factor = 1.0 / m if inv_scale is None else _grad_factor(inv_scale, m, b)
                 self._backend.update(b, [p.grad for p in b.params], factor, u_factor, group["lr"],
                                      beta1, beta2, group["weight_decay"], group["damping"],
                                      skip_if=None if skip_flag is None else skip_flag(b.device))
@@ -708,5 +752,6 @@ class BSAM(Optimizer):
         for counter in self._device_offset.values():
             counter.fill_(self._offset)
         self._skipped = int(state_dict.get("skipped_steps", 0))
-        self._device_skipped = {}
+        if self._device_skipped is not None:
+            self._device_skipped.zero_()
         self._reset_step()

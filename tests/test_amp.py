@@ -49,3 +49,24 @@ def test_overflow_leaves_state_untouched_and_backs_off(backend):
         after = snapshot(model, opt)
         assert all(torch.equal(before[k], after[k]) for k in before), poison
         assert scaler.get_scale() < scale, poison   # the scaler saw the overflow too
+
+
+def test_step_after_perturb_with_scaler_unscales_without_scaler_step(backend):
+    """perturb(grad_scaler=) then opt.step() (not scaler.step(opt)): the perturbed gradients
+    are unscaled with the scale perturb() saw, as scaler.step(opt) would."""
+    x, y = make_data()
+    a, b = make_model(), make_model()
+    opt_a = BSAM(a.parameters(), lr=0.05, num_data=100, backend=backend, seed=1)
+    opt_b = BSAM(b.parameters(), lr=0.05, num_data=100, backend=backend, seed=1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    for _ in range(2):
+        opt_a.sample_noise()
+        scaler.scale(F.cross_entropy(a(x), y)).backward()
+        opt_a.perturb(grad_scaler=scaler)
+        scaler.scale(F.cross_entropy(a(x), y)).backward()
+        opt_a.step()
+        opt_a.zero_grad()
+        opt_b.step(lambda: (opt_b.zero_grad(), F.cross_entropy(b(x), y).backward()))
+    sa, sb = snapshot(a, opt_a), snapshot(b, opt_b)
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=1e-6, atol=1e-9)

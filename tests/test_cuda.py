@@ -1,6 +1,7 @@
-"""GPU tests of the "cuda" backend (marker gpu: skipped without a CUDA device).
+"""Tests of the "cuda" backend (marker gpu: skipped without a CUDA device).
 
-Run on a GPU machine by benchmarks/gpu_check.sh.
+Run on a GPU machine by benchmarks/gpu_check.sh. The op-level tests run on the CPU kernels
+too (device "cpu"), so that what they check is checked in every CI run.
 """
 import numpy as np
 import pytest
@@ -14,56 +15,90 @@ from conftest import GOLDEN_DIR
 from golden import replay
 from helpers import make_model
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not (torch.cuda.is_available() and _ops.has_kernel("cuda")),
-                                 reason="needs a CUDA GPU and the CUDA kernels")]
+HAVE_CUDA = torch.cuda.is_available() and _ops.has_kernel("cuda")
+gpu = [pytest.mark.gpu, pytest.mark.skipif(not HAVE_CUDA, reason="needs a CUDA GPU and the CUDA kernels")]
 ops = torch.ops.bsam_fast
 DEV = "cuda"
+# The op-level tests: the CPU kernels, and the CUDA kernels where there is a GPU.
+DEVICES = [pytest.param("cpu", marks=pytest.mark.skipif(not _ops.has_kernel("cpu"), reason="CPU kernels not built")),
+           pytest.param("cuda", marks=gpu)]
+GOLDEN_FILES = sorted(GOLDEN_DIR.glob("*.npz"))
 
 
-def rand(shapes, dtype=torch.float32, positive=False, seed=0):
+@pytest.fixture(autouse=True)
+def no_tf32():
+    """fp32 convolutions and matmuls in full fp32 (cuDNN allows TF32 by default: ~5e-4)."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def rand(shapes, dtype, device, positive=False, seed=0):
     g = torch.Generator().manual_seed(seed)
-    out = [torch.randn(s, generator=g).to(dtype).to(DEV) for s in shapes]
+    out = [torch.randn(s, generator=g, dtype=torch.float64).to(dtype).to(device) for s in shapes]
     return [t.abs() + 0.5 for t in out] if positive else out
 
 
-SHAPES = [(33, 17), (5,), (1,), (4, 3, 3, 3), (300_001,), (64, 64, 3, 3)]
+def with_offset_view(ts, index):
+    """ts with ts[index] replaced by an equal view at storage offset 1 (unaligned)."""
+    t = ts[index]
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    view = buf[1:].view(t.shape)
+    view.copy_(t)
+    out = list(ts)
+    out[index] = view
+    return out
 
 
-def test_noise_is_the_cpu_stream():
-    """Same (seed, offset, index) -> the same xi on CPU and GPU (within 2 ulp; expected equal)."""
-    shapes = SHAPES + [(7,)] * 300
+# An empty tensor, odd lengths and tails of 1-3; the tests make the last one (7 elements: a
+# quad and a tail of 3) a view at a storage offset, so that the scalar path runs.
+SHAPES = [(33, 17), (5,), (0,), (1,), (4, 3, 3, 3), (300_001,), (64, 64, 3, 3), (7,)]
+
+
+@pytest.mark.parametrize("seed,offset", [(0xDEADBEEF, 12345), (2 ** 64 - 1, 2 ** 32 + 7), (0, 0)])
+@pytest.mark.parametrize("device", DEVICES)
+def test_noise_is_the_defined_stream(device, seed, offset):
+    """The kernel's normals equal noise.normal_like's bit for bit: 0 ulp, also over > 320
+    tensors (several launches) and an empty one."""
+    shapes = SHAPES + [(7,)] * 330
     bases = noise_bases([torch.Size(s).numel() for s in shapes])
-    cpu = normal_like([torch.empty(s) for s in shapes], bases, 0xDEADBEEF, 12345)
-    gpu = _ops.normal([torch.empty(s, device=DEV) for s in shapes], bases, 0xDEADBEEF, 12345)
-    for a, b in zip(cpu, gpu):
-        a, b = a.numpy(), b.cpu().numpy()
-        ulps = np.abs(a.view(np.int32).astype(np.int64) - b.view(np.int32).astype(np.int64))
-        assert ulps.max() <= 2
+    defined = normal_like([torch.empty(s) for s in shapes], bases, seed, offset)
+    got = _ops.normal([torch.empty(s, device=device) for s in shapes], bases, seed, offset)
+    a = torch.cat([t.reshape(-1) for t in defined]).numpy().view(np.int32)
+    b = torch.cat([t.reshape(-1) for t in got]).cpu().numpy().view(np.int32)
+    mismatches = int((a != b).sum())
+    assert mismatches == 0, f"{mismatches} of {a.size} draws differ"
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_phases_match_reference(dtype):
-    op = torch.float32 if dtype == torch.bfloat16 else dtype
-    tol = dict(rtol=1e-6, atol=1e-7) if dtype == torch.float32 else \
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("device", DEVICES)
+def test_phases_match_reference(device, dtype):
+    op = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+    tol = dict(rtol=1e-6, atol=1e-7) if op == torch.float32 and dtype == op else \
         dict(rtol=1e-12, atol=1e-14) if dtype == torch.float64 else {}
-    p0, w, s, g, u0, gm = (rand(SHAPES, dtype, seed=1), rand(SHAPES, op, seed=2), rand(SHAPES, op, True, 3),
-                           rand(SHAPES, dtype, seed=4), rand(SHAPES, op, True, 5), rand(SHAPES, op, seed=6))
+    p0, w, s, g, u0, gm = (rand(SHAPES, dtype, device, seed=1), rand(SHAPES, op, device, seed=2),
+                           rand(SHAPES, op, device, True, 3), rand(SHAPES, dtype, device, seed=4),
+                           rand(SHAPES, op, device, True, 5), rand(SHAPES, op, device, seed=6))
+    p0, g = with_offset_view(p0, -1), with_offset_view(g, -1)
     bases = noise_bases([torch.Size(x).numel() for x in SHAPES])
     params, means = [x.clone() for x in p0], [torch.empty_like(x) for x in w]
     ops.sample_(params, means, s, bases, 300.0, 7, 9, True, None)
-    xi = [x.to(DEV) for x in normal_like([x.cpu() for x in params], bases, 7, 9, dtype=op)]
+    xi = [x.to(device) for x in normal_like([x.cpu() for x in params], bases, 7, 9, dtype=op)]
     for p, p_in, z, prec in zip(params, p0, xi, s):
         torch.testing.assert_close(p, ref.noisy_point(p_in.to(op), prec, z, 300.0).to(dtype), **tol)
-    params, u, found = [x.clone() for x in p0], [x.clone() for x in u0], torch.zeros(1, device=DEV)
-    ops.perturb_(params, g, w, s, u, 0.05, torch.tensor([0.5], device=DEV), False, found)
+    params, u, found = [x.clone() for x in p0], [x.clone() for x in u0], torch.zeros(1, device=device)
+    ops.perturb_(params, g, w, s, u, 0.05, torch.tensor([0.5], device=device), False, found)
     assert found.item() == 0
     for i in range(len(SHAPES)):
         gg = g[i].to(op) * 0.5
         torch.testing.assert_close(u[i], u0[i] + ref.gradient_magnitude(s[i], gg), **tol)
         torch.testing.assert_close(params[i], ref.perturbed_point(w[i], s[i], gg, 0.05).to(dtype), **tol)
     params, means, momenta, precs = [x.clone() for x in p0], [x.clone() for x in w], [x.clone() for x in gm], [x.clone() for x in s]
-    _ops.update_(params, means, momenta, precs, g, u0, 0.5, 0.5, torch.tensor(0.03, device=DEV), 0.9, 0.99, 1e-3, 0.1, True)
+    # Tensor arguments in the arithmetic's dtype: a float32 0.03 is not the float64 0.03.
+    lr = torch.tensor(0.03, dtype=op, device=device)
+    _ops.update_(params, means, momenta, precs, g, u0, torch.tensor(0.5, dtype=op, device=device), 0.5, lr,
+                 0.9, 0.99, 1e-3, 0.1, True)
     for i in range(len(SHAPES)):
         gg = g[i].to(op) * 0.5
         gm_new = ref.momentum_update(gm[i], gg, w[i], 0.9, 1e-3)
@@ -74,64 +109,138 @@ def test_phases_match_reference(dtype):
         torch.testing.assert_close(params[i], w_new.to(dtype), **tol)
 
 
-def test_training_matches_cpu_backends():
-    results = []
-    for backend, device in (("cuda", DEV), ("reference", "cpu")):
-        model = make_model().to(device)
-        opt = BSAM(model.parameters(), lr=0.05, num_data=100, backend=backend, seed=11)
-        g = torch.Generator().manual_seed(0)
-        for _ in range(3):
-            x, y = torch.randn(16, 1, 5, 5, generator=g).to(device), torch.randint(0, 3, (16,), generator=g).to(device)
-            opt.step(lambda: (opt.zero_grad(), F.cross_entropy(model(x), y).backward()))
-        results.append({n: (p.detach().cpu(), opt.state[p]["precision"].cpu()) for n, p in model.named_parameters()})
-    for n in results[0]:
-        for a, b in zip(results[0][n], results[1][n]):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_finite_in_a_tail_is_flagged(device, dtype):
+    for bad in (float("inf"), float("nan")):
+        g = with_offset_view(rand(SHAPES, dtype, device, seed=4), -1)
+        g[-1][-1] = bad                                   # the last element of a 7-element tail
+        found = torch.zeros(1, device=device)
+        ops.check_finite_(g, found)
+        assert found.item() == 1.0
+        op = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+        w, s = rand(SHAPES, op, device, seed=2), rand(SHAPES, op, device, True, 3)
+        params, u, found = rand(SHAPES, dtype, device, seed=1), [torch.empty_like(x) for x in w], torch.zeros(1, device=device)
+        ops.perturb_(params, g, w, s, u, 0.05, None, True, found)
+        assert found.item() == 1.0
 
 
-@pytest.mark.parametrize("path", sorted(GOLDEN_DIR.glob("*.npz")), ids=lambda p: p.name)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("device", DEVICES)
+def test_skip_if_puts_the_mean_back_and_writes_nothing_else(device, dtype):
+    op = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+    p, w, gm, s = rand(SHAPES, dtype, device, seed=1), rand(SHAPES, op, device, seed=2), \
+        rand(SHAPES, op, device, seed=3), rand(SHAPES, op, device, True, 4)
+    g, u = rand(SHAPES, dtype, device, seed=5), rand(SHAPES, op, device, True, 6)
+    w0, gm0, s0 = [x.clone() for x in w], [x.clone() for x in gm], [x.clone() for x in s]
+    _ops.update_(p, w, gm, s, g, u, 1.0, 1.0, 0.1, 0.9, 0.999, 0.0, 0.1, True, torch.ones(1, device=device))
+    for i in range(len(SHAPES)):
+        assert torch.equal(w[i], w0[i]) and torch.equal(gm[i], gm0[i]) and torch.equal(s[i], s0[i])
+        assert torch.equal(p[i], w0[i].to(dtype))
+
+
+def _train(backend, device, steps=3, dtype=torch.float32):
+    model = make_model(dtype=dtype).to(device)
+    opt = BSAM(model.parameters(), lr=0.05, num_data=100, backend=backend, seed=11)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        x = torch.randn(16, 1, 5, 5, generator=g).to(device=device, dtype=dtype)
+        y = torch.randint(0, 3, (16,), generator=g).to(device)
+        opt.step(lambda: (opt.zero_grad(), F.cross_entropy(model(x).float(), y).backward()))
+    return {(n, k): v.detach().cpu() for n, p in model.named_parameters()
+            for k, v in [("param", p), *opt.state[p].items()]}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=gpu)])
+def test_training_matches_other_backends(device, dtype):
+    """Every parameter's mean, momentum and precision (and fp32 master), keyed by (name,
+    state): fp32 against `reference` on the CPU; fp16 parameters against `foreach` on the
+    same GPU (the same fp16 forward/backward numerics)."""
+    got = _train("cuda", device, dtype=dtype)
+    want = _train("reference", "cpu", dtype=dtype) if dtype == torch.float32 else _train("foreach", device, dtype=dtype)
+    assert got.keys() == want.keys()
+    tol = dict(rtol=1e-4, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-3, atol=1e-3)
+    for key in want:
+        torch.testing.assert_close(got[key].double(), want[key].double(), **tol, msg=str(key))
+
+
+@pytest.mark.parametrize("path", GOLDEN_FILES or [None], ids=lambda p: p.name if p else "no-golden-files")
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
-def test_golden_parity_on_cuda(path, dtype, tol):
-    for step, worst, _, _ in replay(path, "cuda", dtype, device=DEV):
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=gpu)])
+def test_golden_parity_on_cuda(device, path, dtype, tol):
+    # On a GPU run, no golden file is a failure (gpu_check.sh carries them; BSAM_GOLDEN_DIR).
+    assert path is not None, f"no golden .npz in {GOLDEN_DIR} (set BSAM_GOLDEN_DIR)"
+    for step, worst, _, _ in replay(path, "cuda", dtype, device=device):
         assert max(worst.values()) <= tol, (step, worst)
 
 
-def test_amp_overflow_changes_nothing_and_does_not_synchronise():
-    model = make_model().to(DEV)
-    opt = BSAM(model.parameters(), lr=0.05, num_data=100, backend="cuda", seed=1)
-    scaler = torch.amp.GradScaler("cuda", init_scale=2.0 ** 10)
-    x, y = torch.randn(16, 1, 5, 5, device=DEV), torch.randint(0, 3, (16,), device=DEV)
+def _amp_parts(model, opt, scaler, x, y, poison=False):
+    opt.sample_noise()
+    scaler.scale(F.cross_entropy(model(x), y)).backward()
+    if poison:
+        model.fc1.weight.grad[0, 0] = float("inf")
+    opt.perturb(grad_scaler=scaler)
+    scaler.scale(F.cross_entropy(model(x), y)).backward()
 
-    def amp_step(poison):
-        opt.sample_noise()
-        scaler.scale(F.cross_entropy(model(x), y)).backward()
-        if poison:
-            model.fc1.weight.grad[0, 0] = float("inf")
-        opt.perturb(grad_scaler=scaler)
-        scaler.scale(F.cross_entropy(model(x), y)).backward()
-        torch.cuda.set_sync_debug_mode("error")      # the optimizer's part must not sync
-        try:
-            opt.step()  # what scaler.step() calls, after it set grad_scale/found_inf
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-        opt.zero_grad()
-    # through the scaler once (it reads found_inf itself), then the bare step without syncs
-    opt.sample_noise(); scaler.scale(F.cross_entropy(model(x), y)).backward(); opt.perturb(grad_scaler=scaler)
-    scaler.scale(F.cross_entropy(model(x), y)).backward(); scaler.step(opt); scaler.update(); opt.zero_grad()
-    before = {k: v.clone() for p in model.parameters() for k, v in opt.state[p].items()}
-    weights = [p.detach().clone() for p in model.parameters()]
-    amp_step(poison=True)
-    after = {k: v for p in model.parameters() for k, v in opt.state[p].items()}
-    assert all(torch.equal(before[k], after[k]) for k in before)
-    assert all(torch.equal(p.detach(), w) for p, w in zip(model.parameters(), weights))
+
+@pytest.mark.parametrize("capturable", [False, True])
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=gpu)])
+def test_amp_overflow_changes_nothing_and_does_not_synchronise(device, capturable):
+    model = make_model().to(device)
+    opt = BSAM(model.parameters(), lr=torch.tensor(0.05, device=device), num_data=100, backend="cuda", seed=1,
+               capturable=capturable)
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0 ** 10)
+    x, y = torch.randn(16, 1, 5, 5, device=device), torch.randint(0, 3, (16,), device=device)
+    _amp_parts(model, opt, scaler, x, y)     # through the scaler once (it reads found_inf itself)
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad()
+    before = {(n, k): v.clone() for n, p in model.named_parameters() for k, v in opt.state[p].items()}
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    _amp_parts(model, opt, scaler, x, y, poison=True)
+    torch.cuda.set_sync_debug_mode("error")          # the optimizer's part must not sync
+    try:
+        opt.step()                                   # finished without scaler.step
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    opt.zero_grad()
+    for n, p in model.named_parameters():
+        for k, v in opt.state[p].items():
+            assert torch.equal(before[(n, k)], v), (n, k)
+        assert torch.equal(weights[n], p.detach()), n
     assert opt.skipped_steps == 1
 
 
-def test_cuda_graph_replay_equals_eager():
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=gpu)])
+def test_capturable_with_grad_scaler_equals_eager(device):
+    """capturable=True and a GradScaler together: the same steps as without capturable."""
+    results = []
+    for capturable in (False, True):
+        model = make_model().to(device)
+        opt = BSAM(model.parameters(), lr=0.05, num_data=100, backend="cuda", seed=4, capturable=capturable)
+        scaler = torch.amp.GradScaler("cuda", init_scale=2.0 ** 8)
+        torch.manual_seed(9)
+        for t in range(4):
+            x, y = torch.randn(16, 1, 5, 5, device=device), torch.randint(0, 3, (16,), device=device)
+            _amp_parts(model, opt, scaler, x, y, poison=(t == 2))
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+        results.append(({(n, k): v.clone() for n, p in model.named_parameters()
+                          for k, v in [("param", p.detach()), *opt.state[p].items()]}, opt.skipped_steps))
+    (a, skipped_a), (b, skipped_b) = results
+    assert skipped_a == skipped_b == 1
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=gpu)])
+def test_cuda_graph_replay_equals_eager(device):
     torch.manual_seed(0)
-    x, y = torch.randn(16, 1, 5, 5, device=DEV), torch.randint(0, 3, (16,), device=DEV)
-    eager, graphed = make_model().to(DEV), make_model().to(DEV)
-    lr = torch.tensor(0.05, device=DEV)
+    x, y = torch.randn(16, 1, 5, 5, device=device), torch.randint(0, 3, (16,), device=device)
+    eager, graphed = make_model().to(device), make_model().to(device)
+    lr = torch.tensor(0.05, device=device)
     opt_e = BSAM(eager.parameters(), lr=0.05, num_data=100, backend="cuda", seed=5)
     opt_g = BSAM(graphed.parameters(), lr=lr, num_data=100, backend="cuda", seed=5, capturable=True)
 
@@ -154,21 +263,24 @@ def test_cuda_graph_replay_equals_eager():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         step(graphed, opt_g)
-    for i in range(4):
+    for i in range(20):
         graph.replay()
         step(eager, opt_e)
         torch.cuda.synchronize()
         for (n, pe), pg in zip(eager.named_parameters(), graphed.parameters()):
             torch.testing.assert_close(pg, pe, rtol=1e-6, atol=1e-7, msg=f"replay {i}: {n}")
-            torch.testing.assert_close(opt_g.state[pg]["precision"], opt_e.state[pe]["precision"], rtol=1e-6, atol=1e-7)
-    assert opt_g.noise_offset == opt_e.noise_offset   # the counter advanced on the device
+            for k in ("momentum", "precision"):
+                torch.testing.assert_close(opt_g.state[pg][k], opt_e.state[pe][k], rtol=1e-6, atol=1e-7,
+                                           msg=f"replay {i}: {n}.{k}")
+    assert opt_g.noise_offset == opt_e.noise_offset == 23   # the counter advanced on the device
 
 
-def test_bf16_autocast_training():
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=gpu)])
+def test_bf16_autocast_training(device):
     torch.manual_seed(0)
-    model = make_model().to(DEV)
+    model = make_model().to(device)
     opt = BSAM(model.parameters(), lr=0.05, num_data=100, backend="cuda", seed=2)
-    x, y = torch.randn(64, 1, 5, 5, device=DEV), torch.randint(0, 3, (64,), device=DEV)
+    x, y = torch.randn(64, 1, 5, 5, device=device), torch.randint(0, 3, (64,), device=device)
     losses = []
     for _ in range(30):
         def closure():
@@ -182,12 +294,13 @@ def test_bf16_autocast_training():
     assert losses[-1] < losses[0]
 
 
-def test_hundreds_of_small_tensors_match_reference():
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=gpu)])
+def test_hundreds_of_small_tensors_match_reference(device):
     g = torch.Generator().manual_seed(3)
     shapes = [(int(n),) for n in torch.randint(1, 300, (700,), generator=g)]
     results = []
-    for backend, device in (("cuda", DEV), ("reference", "cpu")):
-        params = [torch.nn.Parameter(torch.randn(s, generator=torch.Generator().manual_seed(i)).to(device))
+    for backend, dev in (("cuda", device), ("reference", "cpu")):
+        params = [torch.nn.Parameter(torch.randn(s, generator=torch.Generator().manual_seed(i)).to(dev))
                   for i, s in enumerate(shapes)]
         opt = BSAM(params, lr=0.05, num_data=100, backend=backend, seed=3)
         for step in range(2):
@@ -204,9 +317,10 @@ def test_hundreds_of_small_tensors_match_reference():
 
 
 @pytest.mark.slow
-def test_tensor_over_2_pow_31_elements():
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=gpu)])
+def test_tensor_over_2_pow_31_elements(device):
     n = 2 ** 31 + 4099
-    p = torch.nn.Parameter(torch.zeros(n, dtype=torch.bfloat16, device=DEV))
+    p = torch.nn.Parameter(torch.zeros(n, dtype=torch.bfloat16, device=device))
     opt = BSAM([p], lr=0.5, num_data=4.0, rho=0.0, backend="cuda", seed=9)
     opt.sample_noise()
     tail = p.detach()[-8:].float().clone()
