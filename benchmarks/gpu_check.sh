@@ -63,19 +63,19 @@ step() {
   return 0
 }
 
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
+if [ -z "${CUDA_HOME:-}" ] && [ -d /usr/local/cuda ]; then export CUDA_HOME=/usr/local/cuda; fi
+[ -n "${CUDA_HOME:-}" ] && export PATH="$CUDA_HOME/bin:$PATH"
 : > "$SUMMARY"
 note "# bsam-fast GPU check $(date -u +%Y-%m-%dT%H:%M:%SZ) $([ $DRY = 1 ] && echo '(DRY RUN: no GPU steps, CPU stand-ins)')"
 note "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (+ uncommitted changes)')"
 note "gpu: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | head -n 1)"
-note "nvcc: $(nvcc --version 2>&1 | grep -i release || echo 'not found')"
+note "nvcc: $(command -v nvcc) $(nvcc --version 2>&1 | grep -i release || echo 'not found') (CUDA_HOME=${CUDA_HOME:-unset})"
 note "gcc: $(gcc --version 2>&1 | head -n 1)"
 note "python/torch: $($PY -c 'import sys, torch; print(sys.version.split()[0], torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())' 2>&1 | tail -n 1)"
 note "golden: $BSAM_GOLDEN_DIR ($(ls "$BSAM_GOLDEN_DIR"/*.npz 2>/dev/null | wc -l) .npz)"
 
 # ---------------------------------------------------------------- build
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
-if [ -z "${CUDA_HOME:-}" ] && [ -d /usr/local/cuda ]; then export CUDA_HOME=/usr/local/cuda; fi
-[ -n "${CUDA_HOME:-}" ] && export PATH="$CUDA_HOME/bin:$PATH"
 if [ $DRY = 1 ]; then
   note "step build: NOT RUN (dry run: using the extension already built here, if any)"
   DEVICE=cpu
