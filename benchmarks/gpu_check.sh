@@ -18,7 +18,7 @@
 #   bash benchmarks/gpu_check.sh             # on the GPU machine; OUT defaults to ./gpu_out
 #   bash benchmarks/gpu_check.sh --dry       # anywhere: no build, CPU stand-ins, tiny sizes
 #
-# Environment: OUT, PYTHON (python3), BSAM_GPU_CHECK_BUDGET (seconds, default 480),
+# Environment: OUT, PYTHON (python3), BSAM_GPU_CHECK_BUDGET (seconds, default 480), BSAM_COMMIT,
 # BSAM_GOLDEN_DIR (default ./gpu_golden, else ../shared/golden), TORCH_CUDA_ARCH_LIST (9.0).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -68,7 +68,12 @@ if [ -z "${CUDA_HOME:-}" ] && [ -d /usr/local/cuda ]; then export CUDA_HOME=/usr
 [ -n "${CUDA_HOME:-}" ] && export PATH="$CUDA_HOME/bin:$PATH"
 : > "$SUMMARY"
 note "# bsam-fast GPU check $(date -u +%Y-%m-%dT%H:%M:%SZ) $([ $DRY = 1 ] && echo '(DRY RUN: no GPU steps, CPU stand-ins)')"
-note "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (+ uncommitted changes)')"
+# The device machine gets the working tree without .git: the caller may name the commit.
+if git rev-parse --is-inside-work-tree > /dev/null 2>&1; then
+  note "commit: $(git rev-parse --short HEAD)$(git diff --quiet HEAD || echo ' (+ uncommitted changes)')"
+else
+  note "commit: ${BSAM_COMMIT:-unknown (no .git here; set BSAM_COMMIT)}"
+fi
 note "gpu: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | head -n 1)"
 note "nvcc: $(command -v nvcc) $(nvcc --version 2>&1 | grep -i release || echo 'not found') (CUDA_HOME=${CUDA_HOME:-unset})"
 note "gcc: $(gcc --version 2>&1 | head -n 1)"
@@ -115,7 +120,7 @@ else
   E2E=(--device cuda --sizes 2.7e5 --layouts resnet20 tiny --end-to-end --models mlp lenet5 resnet20_frn)
 fi
 step bench 150 "$OUT/bench.txt" $PY -m bsam_fast.bench "${BENCH[@]}" --no-progress --json "$OUT/bench.json"
-step bench-e2e 90 "$OUT/bench.txt" $PY -m bsam_fast.bench "${E2E[@]}" --no-progress --json "$OUT/bench_e2e.json"
+step bench-e2e 160 "$OUT/bench.txt" $PY -m bsam_fast.bench "${E2E[@]}" --no-progress --json "$OUT/bench_e2e.json"
 
 # ---------------------------------------------------------------- key numbers
 note "## key numbers"
