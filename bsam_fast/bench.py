@@ -43,7 +43,7 @@ LAYOUTS = ("one", "resnet20", "transformer", "tiny")
 
 # ------------------------------------------------------------------ parameter layouts
 def _resnet20_shapes(width: int) -> list[tuple[int, ...]]:
-    from .models import ResNet20FRN
+    from .experiments.models import ResNet20FRN
     return [tuple(p.shape) for p in ResNet20FRN(width=width).parameters()]
 
 
@@ -280,8 +280,8 @@ def training_step(model_name: str, method: str, backend: Optional[str], device: 
     the given backend). Returns the step as a callable."""
     import torch.nn.functional as F
 
-    from .baselines import SAM
-    from .models import INPUT_SHAPES, make_model
+    from .experiments.baselines import SAM
+    from .experiments.models import INPUT_SHAPES, make_model
     x = torch.randn(batch, *INPUT_SHAPES[model_name], device=device)
     y = torch.randint(0, 10, (batch,), device=device)
     torch.manual_seed(0)

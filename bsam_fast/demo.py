@@ -15,8 +15,9 @@ import time
 import torch
 import torch.nn as nn
 
-from . import data, metrics
-from .training import Config, evaluate, train
+from . import metrics
+from .experiments import data
+from .experiments.training import Config, evaluate, train
 
 
 def load_digits_split(seed: int = 0):

@@ -1,4 +1,5 @@
-"""bSAM under ``torch.nn.parallel.DistributedDataParallel`` (m-sharpness across ranks).
+"""bSAM under ``torch.nn.parallel.DistributedDataParallel`` (m-sharpness across ranks):
+the optimizer's distributed hooks and the ``ddp_step`` helper.
 
 The paper distributes bSAM like m-sharpness: every rank samples its own noise (its own
 stream, keyed by the shared seed and the rank) and makes its own perturbation; only the
@@ -16,15 +17,52 @@ and every rank ends the step with the same mean, momentum and precision.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Optional
+from collections import defaultdict
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from .optimizer import BSAM
+if TYPE_CHECKING:                      # optimizer.py imports this module
+    from .optimizer import BSAM
 
 
-def ddp_step(model, optimizer: BSAM, loss_fn: Callable[[int], Tensor], m: int = 1,
+def join_process_group(process_group, seed: int, params: Sequence[Tensor]) -> tuple:
+    """``BSAM(..., process_group=...)``: (group, rank, world size, shared seed). Every rank
+    then draws from its own noise stream, keyed by the shared seed (rank 0's, broadcast
+    here) and the rank (``noise.stream_seed``)."""
+    import torch.distributed as dist
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("process_group given but torch.distributed is not initialised "
+                         "(call torch.distributed.init_process_group first)")
+    group = dist.group.WORLD if process_group is True else process_group
+    device = params[0].device if params else torch.device("cpu")
+    if dist.get_backend(group) == "nccl" and device.type != "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    shared = torch.tensor([seed - (1 << 64) if seed >= (1 << 63) else seed], dtype=torch.int64,
+                          device=device)
+    dist.broadcast(shared, src=dist.get_global_rank(group, 0), group=group)
+    value = int(shared.item())
+    return group, dist.get_rank(group), dist.get_world_size(group), value + (1 << 64) if value < 0 else value
+
+
+def all_reduce_u_and_flags(group, u_sums: Sequence[Tensor], flags: Sequence[Tensor]) -> None:
+    """Sum u over ranks and share the noisy-gradient inf/NaN flags (float32, one per
+    device), in one flattened all-reduce per device and dtype; the perturbed gradients are
+    DDP's to reduce."""
+    import torch.distributed as dist
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+    groups: dict[tuple, list[Tensor]] = defaultdict(list)
+    for t in list(u_sums) + list(flags):
+        groups[(t.device, t.dtype)].append(t)
+    for tensors in groups.values():        # one per device, unless fp64 meets fp32
+        flat = _flatten_dense_tensors(tensors)
+        dist.all_reduce(flat, group=group)
+        for t, reduced in zip(tensors, _unflatten_dense_tensors(flat, tensors)):
+            t.copy_(reduced)
+
+
+def ddp_step(model, optimizer: "BSAM", loss_fn: Callable[[int], Tensor], m: int = 1,
              grad_scaler: Optional["torch.amp.GradScaler"] = None) -> Tensor:
     """One bSAM step of a DDP model with m local parts; loss_fn(k) is part k's loss.
 

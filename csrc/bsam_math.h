@@ -138,7 +138,7 @@ BSAM_HD void normal4(uint64_t seed, uint64_t offset, uint64_t block, float out[4
 }
 
 // ---------------------------------------------------------------- the update, per element
-// Each line as in bsam_fast/reference.py, with the same order of operations. T is the
+// Each line as in bsam_fast/backends/reference.py, with the same order of operations. T is the
 // arithmetic type: float or double, or a SIMD vector of them on the CPU (bsam_cpu.cpp
 // declares sqrt_of/abs_of for at::vec::Vectorized before including this header).
 BSAM_HD float sqrt_of(float x) { return sqrtf(x); }

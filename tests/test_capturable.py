@@ -89,14 +89,14 @@ def test_capturable_counters_exist_from_the_start():
     state_dict load moves it."""
     model = make_model()
     opt = BSAM(model.parameters(), lr=0.05, num_data=100, backend="cpu", seed=3, capturable=True)
-    assert list(opt._device_offset) == [torch.device("cpu")]
-    assert opt._device_skipped is not None and opt.skipped_steps == 0
+    assert list(opt._state.device_offset) == [torch.device("cpu")]
+    assert opt._state.device_skipped is not None and opt.skipped_steps == 0
     train(model, opt, 2)
     sd = opt.state_dict()
     assert sd["noise"]["offset"] == 2
     sd["noise"]["offset"] = 7
     opt.load_state_dict(sd)
-    assert opt.noise_offset == 7 and int(opt._device_offset[torch.device("cpu")]) == 7
+    assert opt.noise_offset == 7 and int(opt._state.device_offset[torch.device("cpu")]) == 7
 
 
 @fused

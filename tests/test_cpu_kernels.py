@@ -7,7 +7,7 @@ import torch
 
 from bsam_fast import BSAM, _ops
 from bsam_fast.noise import noise_bases, normal_like
-from bsam_fast import reference as ref
+from bsam_fast.backends import reference as ref
 from helpers import make_model, train
 
 pytestmark = pytest.mark.skipif(not _ops.has_kernel("cpu"), reason="CPU kernels not built")

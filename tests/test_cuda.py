@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from bsam_fast import BSAM, _ops
-from bsam_fast import reference as ref
+from bsam_fast.backends import reference as ref
 from bsam_fast.noise import noise_bases, normal_like
 from conftest import GOLDEN_DIR
 from golden import replay

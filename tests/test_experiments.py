@@ -4,7 +4,7 @@ import json
 import pytest
 
 from bsam_fast import demo, experiments
-from bsam_fast.training import METHODS
+from bsam_fast.experiments.training import METHODS
 
 
 def test_table_on_digits(tmp_path):
@@ -38,7 +38,7 @@ def test_toy2d_moons_and_rho(tmp_path):
 
 
 def test_missing_cifar_names_the_folder(tmp_path):
-    from bsam_fast.data import DatasetNotFound
+    from bsam_fast.experiments.data import DatasetNotFound
     with pytest.raises(DatasetNotFound, match="cifar-10-batches-py"):
         experiments.main(["table", "--dataset", "cifar10", "--data-root", str(tmp_path), "--out", str(tmp_path)])
 

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from bsam_fast import BSAM
-from bsam_fast.models import FRN, INPUT_SHAPES, MODELS, make_model
+from bsam_fast.experiments.models import FRN, INPUT_SHAPES, MODELS, make_model
 
 SIZES = {"mlp": 784 * 500 + 500 + 500 * 300 + 300 + 300 * 10 + 10, "lenet5": 61706, "resnet20_frn": 273258}
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from bsam_fast import BSAM, available_backends, split_batch
-from bsam_fast.reference import gradient_magnitude
+from bsam_fast.backends.reference import gradient_magnitude
 from helpers import closure_for, make_data, make_model, snapshot, train
 
 

@@ -9,7 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bsam_fast import BSAM, data
+from bsam_fast import BSAM
+from bsam_fast.experiments import data
 from bsam_fast.predict import predict_bma, predict_mean
 from helpers import make_data, make_model, train
 

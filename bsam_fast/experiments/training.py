@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import metrics
+from .. import metrics
 from .baselines import SAM
-from .optimizer import BSAM, split_batch
-from .predict import predict_bma, predict_mean
+from ..optimizer import BSAM, split_batch
+from ..predict import predict_bma, predict_mean
 
 METHODS = ("sgd", "adam", "sam_sgd", "sam_adam", "bsam")
 

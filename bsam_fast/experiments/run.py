@@ -24,10 +24,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import data, metrics
+from .. import metrics
+from . import data
 from .baselines import SAM
 from .models import make_model
-from .optimizer import BSAM
+from ..optimizer import BSAM
 from .training import DEFAULTS, METHODS, Config, evaluate, train
 
 OOD_PARTNER = {"mnist": "fashion_mnist", "fashion_mnist": "mnist"}
@@ -228,7 +229,7 @@ def run_moons(args):
     g1 = torch.linspace(-2.5, 3.5, 150)
     g2 = torch.linspace(-2.0, 2.5, 120)
     X = torch.stack(torch.meshgrid(g1, g2, indexing="xy"), -1).reshape(-1, 2)
-    from .predict import predict_bma, predict_mean
+    from ..predict import predict_bma, predict_mean
     panels = {}
     for method in ("sam_adam", "bsam"):
         torch.manual_seed(args.seed)
@@ -335,7 +336,3 @@ def main(argv=None):
         args.out = os.path.join("results", args.experiment if args.experiment != "table"
                                 else f"{args.dataset}_{args.model}")
     return {"table": run_table, "toy2d": run_toy2d, "moons": run_moons, "rho": run_rho}[args.experiment](args)
-
-
-if __name__ == "__main__":
-    main()

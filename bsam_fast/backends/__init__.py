@@ -1,53 +1,44 @@
-"""Registry of backends and the choice made by ``backend="auto"``."""
+"""The backends: the code that touches tensors, one implementation of the phases per file.
+
+``base.py`` defines the interface (and the ``Bucket`` a phase works on); ``reference.py``
+is the oracle, a line-by-line transcription of the update; ``foreach.py`` the same math as
+multi-tensor ``torch._foreach_*`` ops; ``fused.py`` the compiled kernels (``cpu``,
+``cuda``), which report themselves unavailable when the extension did not load.
+
+This module is the registry: the backends it knows, fastest first, and the choice made by
+``backend="auto"`` (the first available backend that supports every parameter).
+"""
 from __future__ import annotations
 
 from typing import Iterable
 
 from torch import Tensor
 
-from ._backend import Backend
+from .. import _ops
+from .base import Backend
 from .foreach import ForeachBackend
+from .fused import CpuBackend, CudaBackend
 from .reference import ReferenceBackend
 
-# name -> class; listed fastest first (highest `priority`): "auto" takes the first
-# available backend that supports every parameter.
-_REGISTRY: dict[str, type[Backend]] = {}
-
-
-def register_backend(cls: type[Backend]) -> type[Backend]:
-    _REGISTRY[cls.name] = cls
-    ordered = sorted(_REGISTRY.values(), key=lambda c: -getattr(c, "priority", 0))
-    _REGISTRY.clear()
-    _REGISTRY.update((c.name, c) for c in ordered)
-    return cls
-
-
-register_backend(ForeachBackend)
-register_backend(ReferenceBackend)
-
-
-def _register_fused() -> None:
-    # Imported for its side effect: registers "cpu" (and "cuda") ahead of "foreach"
-    # when the compiled extension loads; otherwise leaves the registry as is.
-    from . import fused  # noqa: F401
+# name -> class, fastest first.
+_REGISTRY: dict[str, type[Backend]] = {cls.name: cls for cls in sorted(
+    (CudaBackend, CpuBackend, ForeachBackend, ReferenceBackend), key=lambda c: -c.priority)}
 
 
 def backend_names() -> list[str]:
     """Every backend name this build knows, available or not, plus "auto"."""
-    _register_fused()
     return ["auto", *_REGISTRY]
 
 
 def available_backends() -> list[str]:
     """Names of the backends that can run here, fastest first."""
-    _register_fused()
     return [n for n, cls in _REGISTRY.items() if cls.is_available()]
 
 
 def make_backend(name: str, params: Iterable[Tensor]) -> Backend:
     """Instantiate backend `name` ("auto": the fastest that supports all `params`)."""
-    _register_fused()
     params = list(params)
+    _ops.warn_once_unavailable()     # says so once if the compiled kernels did not load
     if name == "auto":
         for cls in _REGISTRY.values():
             if cls.is_available():

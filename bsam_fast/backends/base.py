@@ -3,7 +3,7 @@
 `BSAM` (``optimizer.py``) owns the state machine, hyperparameters, state and the noise
 stream. A *backend* does the arithmetic of each phase on a :class:`Bucket`: a set of
 parameters that share one device and one dtype (and one param group). Every backend
-implements the same five methods; the ``reference`` backend (``reference.py``) is the
+implements the same five methods; the ``reference`` backend (``backends/reference.py``) is the
 oracle the others are tested against.
 
 Phases of one step with m parts (``k = 0..m-1``)::
@@ -56,6 +56,7 @@ class Backend:
     """Interface of a backend; see the module docstring for what each phase computes."""
 
     name: str = "?"
+    priority = 0          # "auto" tries the available backends by descending priority
     # True if sample() takes the noise counter from a device tensor and update() can skip
     # a step on a device-side flag: what capturable=True and GradScaler steps need to run
     # without host synchronisation.

@@ -26,8 +26,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from ._backend import Backend, Bucket, Scalar, mark_non_finite
-from .noise import normal_like
+from .base import Backend, Bucket, Scalar, mark_non_finite
+from ..noise import normal_like
 
 
 def noisy_point(w: Tensor, s: Tensor, xi: Tensor, num_data: float) -> Tensor:

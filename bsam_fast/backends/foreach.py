@@ -10,8 +10,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from ._backend import Backend, Bucket, Scalar, mark_non_finite
-from .noise import normal_like
+from .base import Backend, Bucket, Scalar, mark_non_finite
+from ..noise import normal_like
 
 
 def _as_opmath(tensors: list[Tensor], like: list[Tensor]) -> list[Tensor]:

@@ -9,9 +9,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from . import _ops
-from ._backend import Backend, Bucket, Scalar
-from .backends import register_backend
+from .. import _ops
+from .base import Backend, Bucket, Scalar
 
 
 class FusedBackend(Backend):
@@ -64,19 +63,14 @@ class FusedBackend(Backend):
                      u_factor, lr, beta1, beta2, weight_decay, damping, b.master_mean, skip_if)
 
 
-@register_backend
 class CpuBackend(FusedBackend):
     name = "cpu"
     device_type = "cpu"
     priority = 20
 
 
-@register_backend
 class CudaBackend(FusedBackend):
     name = "cuda"
     device_type = "cuda"
     priority = 30
 
-
-if not _ops.is_loaded():
-    _ops.warn_once_unavailable()
