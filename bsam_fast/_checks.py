@@ -3,39 +3,55 @@ gradients. Every check raises an error that names the offending value, before an
 is changed."""
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from typing import Optional, Sequence
 
+import torch
 from torch import Tensor
 
 
-def check_hyperparameters(group: dict) -> None:
-    """ValueError naming the first invalid hyperparameter of a param group."""
-    lr = group["lr"]
-    lr_value = lr.item() if isinstance(lr, Tensor) else lr
-    if isinstance(lr, Tensor) and lr.numel() != 1:
-        raise ValueError(f"lr must be a float or a one-element tensor, got shape {tuple(lr.shape)}")
-    if not lr_value >= 0.0:
-        raise ValueError(f"Invalid lr: {lr_value} (must be >= 0)")
-    if not group["num_data"] > 0:
-        raise ValueError(f"Invalid num_data: {group['num_data']} (must be > 0: the number "
-                         "of training examples N)")
-    rho = group["rho"]
-    if isinstance(rho, Tensor) and rho.numel() != 1:
-        raise ValueError(f"rho must be a float or a one-element tensor, got shape {tuple(rho.shape)}")
-    if not (rho.item() if isinstance(rho, Tensor) else rho) >= 0.0:
-        raise ValueError(f"Invalid rho: {rho} (must be >= 0)")
+HYPERPARAMETERS = ("lr", "num_data", "rho", "betas", "weight_decay", "damping", "s_init")
+
+
+def _number(group: dict, name: str, read_tensors: bool) -> Optional[float]:
+    """A hyperparameter as a float (None for a tensor left unread); one-element tensors only."""
+    value = group[name]
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a float or a one-element tensor, got shape "
+                             f"{tuple(value.shape)}")
+        if not value.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {value.dtype}")
+        return float(value.item()) if read_tensors else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"Invalid {name}: {value!r} (expected a number)")
+    return float(value)
+
+
+def check_hyperparameters(group: dict, read_tensors: bool = True) -> None:
+    """ValueError naming the first invalid (or missing) hyperparameter of a param group.
+
+    read_tensors=False leaves the values of tensor lr/rho unread (no host synchronisation:
+    the per-step check of a capturable optimizer)."""
+    missing = [k for k in HYPERPARAMETERS if k not in group]
+    if missing:
+        raise ValueError(f"param group lacks the BSAM hyperparameters {missing}")
+    for name, low, strict in (("lr", 0.0, False), ("num_data", 0.0, True), ("rho", 0.0, False),
+                              ("weight_decay", 0.0, False), ("damping", 0.0, False),
+                              ("s_init", 0.0, True)):
+        value = _number(group, name, read_tensors)
+        if value is None:
+            continue
+        if not math.isfinite(value) or value < low or (strict and value == low):
+            rule = f"must be finite and {'>' if strict else '>='} {low:g}"
+            extra = ": the number of training examples N" if name == "num_data" else ""
+            raise ValueError(f"Invalid {name}: {value} ({rule}{extra})")
     betas = group["betas"]
-    if len(betas) != 2:
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"Invalid betas: {betas} (expected a pair (beta1, beta2))")
     for i, beta in enumerate(betas):
-        if not 0.0 <= beta < 1.0:
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
             raise ValueError(f"Invalid beta{i + 1} (betas[{i}]): {beta} (must be in [0, 1))")
-    if not group["weight_decay"] >= 0.0:
-        raise ValueError(f"Invalid weight_decay: {group['weight_decay']} (must be >= 0)")
-    if not group["damping"] >= 0.0:
-        raise ValueError(f"Invalid damping: {group['damping']} (must be >= 0)")
-    if not group["s_init"] > 0.0:
-        raise ValueError(f"Invalid s_init: {group['s_init']} (must be > 0)")
 
 
 def check_parameter(p: Tensor) -> None:
@@ -51,6 +67,21 @@ def check_parameter(p: Tensor) -> None:
         raise ValueError(f"BSAM only optimises floating-point parameters, got dtype {p.dtype}")
     if p.is_sparse:
         raise ValueError("BSAM does not support sparse parameters")
+    if any(stride == 0 and size > 1 for stride, size in zip(p.stride(), p.shape)):
+        raise ValueError(f"a parameter of shape {tuple(p.shape)} has stride {p.stride()}: its "
+                         "elements share memory (an expand()ed tensor); pass a tensor that owns "
+                         "its elements (e.g. p.contiguous())")
+
+
+def check_unique(params: Sequence[Tensor]) -> None:
+    """A parameter listed twice would get noise and updates twice (tied weights: list each
+    tensor once)."""
+    seen = set()
+    for i, p in enumerate(params):
+        if id(p) in seen:
+            raise ValueError(f"parameter {i} (shape {tuple(p.shape)}) appears twice in the "
+                             "param group; list each tensor once (tied weights share one entry)")
+        seen.add(id(p))
 
 
 def check_noise(noise: Sequence[Tensor], params: list[Tensor]) -> list[Tensor]:
@@ -70,7 +101,11 @@ def check_noise(noise: Sequence[Tensor], params: list[Tensor]) -> list[Tensor]:
 
 
 def check_gradients(params: list[Tensor]) -> list[Tensor]:
-    """The gradients of `params` (each has one), or a RuntimeError naming what is wrong."""
+    """The gradients of `params` (each has one), or a RuntimeError naming what is wrong.
+
+    A gradient of another floating dtype than its parameter, or not contiguous, is given
+    to the backends converted to the parameter's dtype and contiguous: every backend then
+    sees the same input (and gives the same result)."""
     grads = []
     for p in params:
         if p.grad.is_sparse:
@@ -80,5 +115,59 @@ def check_gradients(params: list[Tensor]) -> list[Tensor]:
             raise RuntimeError(f"gradient of shape {tuple(p.grad.shape)} / dtype "
                                f"{p.grad.dtype} does not match its parameter "
                                f"{tuple(p.shape)} / {p.dtype}")
-        grads.append(p.grad)
+        g = p.grad
+        if g.dtype != p.dtype or not g.is_contiguous():
+            if not g.is_floating_point():
+                raise RuntimeError(f"gradient of dtype {g.dtype} for a {p.dtype} parameter")
+            g = g.to(p.dtype).contiguous()
+        if g.device != p.device:
+            raise RuntimeError(f"gradient on {g.device} for a parameter on {p.device}")
+        grads.append(g)
     return grads
+
+
+def check_state_dict(state_dict: dict, params: list[Tensor]) -> None:
+    """Everything a BSAM state_dict must hold for these parameters, checked before any of it
+    is loaded (a refused load changes nothing): ValueError naming the first problem."""
+    missing = [k for k in ("state", "param_groups", "noise") if k not in state_dict]
+    if missing:
+        raise ValueError(f"not a BSAM state_dict: missing {missing}")
+    groups = state_dict["param_groups"]
+    saved_ids = [i for g in groups for i in g["params"]]
+    if len(saved_ids) != len(params):
+        raise ValueError(f"state_dict has {len(saved_ids)} parameters, this optimizer {len(params)}")
+    for k, g in enumerate(groups):
+        lacking = [h for h in HYPERPARAMETERS if h not in g]
+        if lacking:
+            raise ValueError(f"state_dict param_groups[{k}] lacks the BSAM hyperparameters "
+                             f"{lacking} (a checkpoint of another optimizer?)")
+        check_hyperparameters(g)
+    noise = state_dict["noise"]
+    if not isinstance(noise, dict) or not {"seed", "offset"} <= set(noise):
+        raise ValueError("state_dict['noise'] must be a dict with 'seed' and 'offset'")
+    seed, offset = noise["seed"], noise["offset"]
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 64:
+        raise ValueError(f"state_dict noise seed {seed!r} must be an int in [0, 2**64)")
+    if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset < 2 ** 63:
+        raise ValueError(f"state_dict noise offset {offset!r} must be an int in [0, 2**63)")
+    skipped = state_dict.get("skipped_steps", 0)
+    if isinstance(skipped, bool) or not isinstance(skipped, int) or skipped < 0:
+        raise ValueError(f"state_dict skipped_steps {skipped!r} must be an int >= 0")
+    for i, p in zip(saved_ids, params):
+        st = state_dict["state"].get(i)
+        if not st:
+            continue                         # no step taken yet for this parameter
+        names = {"momentum", "precision"} | ({"mean"} if p.dtype in (torch.float16, torch.bfloat16) else set())
+        lacking = sorted(names - set(st))
+        if lacking:
+            raise ValueError(f"state of parameter {i} lacks {lacking}")
+        for name in sorted(names):
+            t = st[name]
+            if not isinstance(t, Tensor) or not t.is_floating_point() or t.shape != p.shape:
+                raise ValueError(f"state of parameter {i}: {name} must be a floating tensor of shape "
+                                 f"{tuple(p.shape)} like its parameter, got "
+                                 f"{getattr(t, 'shape', type(t).__name__)}")
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"state of parameter {i}: {name} holds inf or NaN")
+        if not bool((st["precision"] > 0).all()):
+            raise ValueError(f"state of parameter {i}: precision must be > 0 everywhere")

@@ -16,7 +16,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import distributed
-from ._checks import check_gradients, check_hyperparameters, check_noise, check_parameter
+from ._checks import (check_gradients, check_hyperparameters, check_noise, check_parameter,
+                      check_state_dict, check_unique)
 from .backends import make_backend
 from .backends.base import opmath_dtype
 from .noise import noise_bases, seed_from_default_generator, stream_seed
@@ -24,6 +25,12 @@ from .posterior import PosteriorMethods
 from .step_state import IDLE, NOISY, PERTURBED, StepState
 from .tensor_state import TensorState
 from .update import UpdatePhase, _inverse
+
+
+def _scalar(value):
+    """A one-element tensor hyperparameter as a 0-dim view (the backends broadcast it over
+    0-dim and larger parameters alike); a float as it is."""
+    return value.reshape(()) if isinstance(value, Tensor) else value
 
 
 def split_batch(*tensors: Tensor, m: int) -> list[tuple[Tensor, ...]]:
@@ -116,20 +123,22 @@ class BSAM(TensorState, UpdatePhase, PosteriorMethods, Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        group["betas"] = tuple(group["betas"])
-        check_hyperparameters(group)
-        for p in group["params"]:
-            check_parameter(p)
+        try:                             # a refused group leaves the optimizer as it was
+            check_hyperparameters(group)
+            group["betas"] = tuple(group["betas"])
+            check_unique(group["params"])
+            for p in group["params"]:
+                check_parameter(p)
+                reason = self._backend.supports(p) if hasattr(self, "_backend") else None
+                if reason is not None:
+                    raise ValueError(f"backend {self.backend!r} cannot handle a parameter: {reason}")
+        except Exception:
+            self.param_groups.pop()
+            raise
         bases = noise_bases([p.numel() for p in group["params"]])
         for p, base in zip(group["params"], bases):
             self._noise_base[p] = self._noise_end + base
         self._noise_end += sum((p.numel() + 3) // 4 * 4 for p in group["params"])
-        if hasattr(self, "_backend"):
-            for p in group["params"]:
-                reason = self._backend.supports(p)
-                if reason is not None:
-                    raise ValueError(f"backend {self.backend!r} cannot handle a parameter: "
-                                     f"{reason}")
         if getattr(self, "_capturable", False):
             for p in group["params"]:
                 self._state.offset_tensor(p.device)
@@ -193,6 +202,10 @@ class BSAM(TensorState, UpdatePhase, PosteriorMethods, Optimizer):
         if not first_part:
             self._bank_perturbed_gradients()
         else:
+            # Hyperparameters written into param_groups since (schedulers, users) are checked
+            # here, before the step changes anything (tensors unread when capturable).
+            for group in self.param_groups:
+                check_hyperparameters(group, read_tensors=not self._capturable)
             self._state.begin()
             for group in self.param_groups:
                 for p in group["params"]:
@@ -239,8 +252,7 @@ class BSAM(TensorState, UpdatePhase, PosteriorMethods, Optimizer):
             self._state.scaler_inv_scale = inv_scale
         active = [[p for p in g["params"] if p.grad is not None] for g in self.param_groups]
         try:
-            for params in active:
-                check_gradients(params)
+            grads = {id(p): g for params in active for p, g in zip(params, check_gradients(params))}
             if self._state.parts and [[id(p) for p in a] for a in active] != \
                     [[id(p) for p in a] for a in self._state.active]:
                 raise RuntimeError("perturb(): the set of parameters with gradients changed "
@@ -256,7 +268,7 @@ class BSAM(TensorState, UpdatePhase, PosteriorMethods, Optimizer):
                 self._backend.restore(b)
             for b in self._buckets(group, params):
                 scale = None if inv_scale is None else inv_scale.to(b.device)
-                self._backend.perturb(b, [p.grad for p in b.params], group["rho"], scale,
+                self._backend.perturb(b, [grads[id(p)] for p in b.params], _scalar(group["rho"]), scale,
                                       first_part, self._state.found_flag("noisy", b.device))
         # The noisy gradient is consumed. The perturbed backward() then accumulates h_k
         # into .grad: onto nothing for part 1, onto h_1 + ... + h_(k-1) for part k, so that
@@ -277,7 +289,10 @@ class BSAM(TensorState, UpdatePhase, PosteriorMethods, Optimizer):
             for p in params:
                 p.grad = None
 
-    def _check_perturbed_gradients(self) -> None:
+    def _check_perturbed_gradients(self) -> dict[int, Tensor]:
+        """{id(p): gradient as the backends take it} of the active parameters; on a missing
+        or unusable gradient the step is cancelled and the error raised."""
+        grads = {}
         for params in self._state.active:
             missing = [p for p in params if p.grad is None]
             if missing:
@@ -285,10 +300,11 @@ class BSAM(TensorState, UpdatePhase, PosteriorMethods, Optimizer):
                 raise RuntimeError(f"{len(missing)} parameter(s) had a gradient at the noisy "
                                    "point but none at the perturbed point")
             try:
-                check_gradients(params)
+                grads.update((id(p), g) for p, g in zip(params, check_gradients(params)))
             except Exception:
                 self.cancel_step()
                 raise
+        return grads
 
 
     @torch.no_grad()
@@ -399,16 +415,9 @@ class BSAM(TensorState, UpdatePhase, PosteriorMethods, Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         if self._state.phase != IDLE:
             raise RuntimeError("load_state_dict() inside an unfinished bSAM step")
-        missing = [k for k in ("state", "param_groups", "noise") if k not in state_dict]
-        if missing:
-            raise ValueError(f"not a BSAM state_dict: missing {missing}")
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = self._params()
-        if len(saved_ids) != len(params):
-            raise ValueError(f"state_dict has {len(saved_ids)} parameters, this optimizer "
-                             f"{len(params)}")
-        for g in state_dict["param_groups"]:
-            check_hyperparameters({**self.defaults, **g})
+        check_state_dict(state_dict, params)   # before anything is loaded
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         # torch.optim casts floating state to the parameter dtype, which would round the
         # fp32 state of bf16/fp16 parameters; load it ourselves after the groups.
         originals = {i: dict(state_dict["state"].get(i, {})) for i in saved_ids}

@@ -34,16 +34,24 @@ class UpdatePhase:
     def _finish(self) -> None:
         """Phase 3: update momentum, mean and precision, and put the mean back in place.
 
-        ``.grad`` holds the sum of the m perturbed gradients (DDP: averaged over ranks)."""
+        ``.grad`` holds the sum of the m perturbed gradients (DDP: averaged over ranks).
+        An error on the way cancels the step (parameters back at the mean) and is raised."""
+        grads = self._check_perturbed_gradients()
+        try:
+            self._check_and_update(grads)
+        except BaseException:
+            self.cancel_step()
+            raise
+
+    def _check_and_update(self, grads: dict[int, Tensor]) -> None:
         m = self._state.parts
-        self._check_perturbed_gradients()
         for params in self._state.active:
             # One list per device and dtype: the kernels take one dtype per call.
             by_kind: dict[tuple, list[Tensor]] = defaultdict(list)
             for p in params:
-                by_kind[(p.device, p.grad.dtype)].append(p.grad)
-            for (device, _), grads in by_kind.items():
-                self._backend.check_finite(grads, self._state.found_flag("perturbed", device))
+                by_kind[(p.device, p.dtype)].append(grads[id(p)])
+            for (device, _), kind in by_kind.items():
+                self._backend.check_finite(kind, self._state.found_flag("perturbed", device))
         if self._group is not None:
             u_sums = [self._scratch[p]["u"] for params in self._state.active for p in params]
             devices = dict.fromkeys([u.device for u in u_sums] + list(self._state.found["noisy"]))
@@ -53,7 +61,7 @@ class UpdatePhase:
         grad_scale = getattr(self, "grad_scale", None)
         if self._backend.device_side and (self._capturable or self._state.used_scaler
                                           or grad_scale is not None or scaler_found is not None):
-            self._update_skipping_on_device(m, grad_scale, scaler_found)
+            self._update_skipping_on_device(m, grads, grad_scale, scaler_found)
             return
         bad_noisy = any(f.item() for f in self._state.found["noisy"].values())
         bad_perturbed = any(f.item() for f in self._state.found["perturbed"].values())
@@ -71,9 +79,9 @@ class UpdatePhase:
                               stacklevel=3)
             self._state.begin()
             return
-        self._apply_update(m, grad_scale)
+        self._apply_update(m, grads, grad_scale)
 
-    def _update_skipping_on_device(self, m: int, grad_scale: Optional[Tensor],
+    def _update_skipping_on_device(self, m: int, grads: dict[int, Tensor], grad_scale: Optional[Tensor],
                                    scaler_found: Optional[Tensor]) -> None:
         """The update with no host synchronisation (capturable, GradScaler): the inf/NaN
         flags of every device (and the scaler's) are summed into one flag, so the kernels
@@ -88,7 +96,7 @@ class UpdatePhase:
             flag = flag.to(device=home, dtype=torch.float32)
             total = flag if total is None else total + flag
         if total is None:                                  # nothing to check: never skip
-            self._apply_update(m, grad_scale)
+            self._apply_update(m, grads, grad_scale)
             return
         self._state.count_device_skip(total)
         per_device: dict[torch.device, Tensor] = {home: total}
@@ -97,9 +105,9 @@ class UpdatePhase:
             if device not in per_device:
                 per_device[device] = total.to(device)
             return per_device[device]
-        self._apply_update(m, grad_scale, skip_flag)
+        self._apply_update(m, grads, grad_scale, skip_flag)
 
-    def _apply_update(self, m: int, grad_scale: Optional[Tensor],
+    def _apply_update(self, m: int, grads: dict[int, Tensor], grad_scale: Optional[Tensor],
                       skip_flag: Optional[Callable[[torch.device], Tensor]] = None) -> None:
         """Mean back into the parameters without a gradient; the posterior update for the
         rest (skipped on the device where skip_flag(device) is non-zero)."""
@@ -114,7 +122,8 @@ class UpdatePhase:
             beta1, beta2 = group["betas"]
             for b in self._buckets(group, params):
                 factor = 1.0 / m if inv_scale is None else _grad_factor(inv_scale, m, b)
-                self._backend.update(b, [p.grad for p in b.params], factor, u_factor, group["lr"],
+                lr = group["lr"].reshape(()) if isinstance(group["lr"], Tensor) else group["lr"]
+                self._backend.update(b, [grads[id(p)] for p in b.params], factor, u_factor, lr,
                                      beta1, beta2, group["weight_decay"], group["damping"],
                                      skip_if=None if skip_flag is None else skip_flag(b.device))
         self._state.begin()

@@ -67,13 +67,18 @@ class ForeachBackend(Backend):
         g = _as_opmath(grads, b.means)
         g = torch._foreach_mul(g, grad_factor)
         torch._foreach_add_(g, torch._foreach_mul(b.means, weight_decay))   # g + delta w
-        torch._foreach_mul_(b.momenta, beta1)
-        torch._foreach_add_(b.momenta, g, alpha=1 - beta1)
-        step = torch._foreach_div(b.momenta, b.precisions)                   # gm / s
+        # New values into new tensors first, then the writes: an error (out of memory,
+        # say) leaves the bucket as it was.
+        gm = torch._foreach_mul(b.momenta, beta1)
+        torch._foreach_add_(gm, g, alpha=1 - beta1)
+        step = torch._foreach_div(gm, b.precisions)                          # gm / s
         torch._foreach_mul_(step, lr)
-        torch._foreach_sub_(b.means, step)
+        w = torch._foreach_sub(b.means, step)
         u = torch._foreach_mul(b.u_sums, u_factor)
         torch._foreach_add_(u, damping + weight_decay)   # u + (gamma + delta)
-        torch._foreach_mul_(b.precisions, beta2)
-        torch._foreach_add_(b.precisions, u, alpha=1 - beta2)
+        s = torch._foreach_mul(b.precisions, beta2)
+        torch._foreach_add_(s, u, alpha=1 - beta2)
+        torch._foreach_copy_(b.momenta, gm)
+        torch._foreach_copy_(b.means, w)
+        torch._foreach_copy_(b.precisions, s)
         torch._foreach_copy_(b.params, b.means)

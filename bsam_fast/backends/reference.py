@@ -94,13 +94,18 @@ class ReferenceBackend(Backend):
     def update(self, b: Bucket, grads: list[Tensor], grad_factor: Scalar, u_factor: float,
                lr: Scalar, beta1: float, beta2: float, weight_decay: float,
                damping: float, skip_if: Optional[Tensor] = None) -> None:
-        for p, w, gm, s, usum, grad in zip(b.params, b.means, b.momenta, b.precisions,
-                                           b.u_sums, grads):
+        # Every new value first, then the writes: an error (out of memory, say) leaves the
+        # bucket as it was.
+        new = []
+        for w, gm, s, usum, grad in zip(b.means, b.momenta, b.precisions, b.u_sums, grads):
             g = grad.to(w.dtype) * grad_factor
             u = usum * u_factor
-            gm.copy_(momentum_update(gm, g, w, beta1, weight_decay))
-            w.copy_(mean_update(w, gm, s, lr))
-            s.copy_(precision_update(s, u, beta2, damping, weight_decay))
+            gm_new = momentum_update(gm, g, w, beta1, weight_decay)
+            new.append((gm_new, mean_update(w, gm_new, s, lr), precision_update(s, u, beta2, damping, weight_decay)))
+        for p, w, gm, s, (gm_new, w_new, s_new) in zip(b.params, b.means, b.momenta, b.precisions, new):
+            gm.copy_(gm_new)
+            w.copy_(w_new)
+            s.copy_(s_new)
             p.copy_(w)
 
     def restore(self, b: Bucket) -> None:
