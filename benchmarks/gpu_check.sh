@@ -108,7 +108,7 @@ for section in noise ops graph; do
     --device $DEVICE --draws $DRAWS
 done
 
-TEST_ARGS=(-q -p no:cacheprovider -rs tests/test_cuda.py --junitxml="$OUT/tests.xml")
+TEST_ARGS=(-q -p no:cacheprovider -rs --run-slow tests/test_cuda.py --junitxml="$OUT/tests.xml")
 step tests 200 "$OUT/tests.log" $PY -m pytest "${TEST_ARGS[@]}"
 
 # ---------------------------------------------------------------- benchmarks

@@ -115,17 +115,22 @@ class UpdatePhase:
         # The perturbed gradients' scale: scaler.step(opt) sets grad_scale; a step finished
         # by opt.step() after perturb(grad_scaler=) uses the scale perturb() saw.
         inv_scale = _inverse(grad_scale) if grad_scale is not None else self._state.scaler_inv_scale
+        commits = []           # every bucket computed before any is written (see Backend)
         for group, params in zip(self.param_groups, self._state.active):
-            active_ids = {id(p) for p in params}
-            for b in self._buckets(group, [p for p in group["params"] if id(p) not in active_ids]):
-                self._backend.restore(b)
             beta1, beta2 = group["betas"]
             for b in self._buckets(group, params):
                 factor = 1.0 / m if inv_scale is None else _grad_factor(inv_scale, m, b)
                 lr = group["lr"].reshape(()) if isinstance(group["lr"], Tensor) else group["lr"]
-                self._backend.update(b, [grads[id(p)] for p in b.params], factor, u_factor, lr,
-                                     beta1, beta2, group["weight_decay"], group["damping"],
-                                     skip_if=None if skip_flag is None else skip_flag(b.device))
+                commits.append(self._backend.prepare_update(
+                    b, [grads[id(p)] for p in b.params], factor, u_factor, lr, beta1, beta2,
+                    group["weight_decay"], group["damping"],
+                    skip_if=None if skip_flag is None else skip_flag(b.device)))
+        for group, params in zip(self.param_groups, self._state.active):
+            active_ids = {id(p) for p in params}
+            for b in self._buckets(group, [p for p in group["params"] if id(p) not in active_ids]):
+                self._backend.restore(b)
+        for commit in commits:
+            commit()
         self._state.begin()
 
     def _restore_all(self) -> None:

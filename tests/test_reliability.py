@@ -66,16 +66,23 @@ def test_lr_and_rho_as_one_element_tensors(backend):
 
 
 # 3 ---------------------------------------------------------------- failures roll back
-@pytest.mark.parametrize("where", ["update", "check_finite", "closure"])
+@pytest.mark.parametrize("where", ["prepare_update", "check_finite", "closure"])
 def test_an_error_inside_a_step_changes_nothing(backend, where, monkeypatch):
+    """Two buckets (fp32, fp64): an error while the second bucket's update is prepared
+    leaves the first bucket unwritten too."""
     torch.manual_seed(0)
     params = [nn.Parameter(torch.randn(5)), nn.Parameter(torch.randn(3, dtype=torch.float64))]
     opt = BSAM(params, lr=0.1, num_data=10, backend=backend, seed=0)
     quadratic_step(opt, params)
     before = everything(opt, params)
+    calls = []
+    real = getattr(opt._backend, where) if where != "closure" else None
 
     def boom(*args, **kwargs):
-        raise RuntimeError("injected")
+        calls.append(1)
+        if where == "closure" or len(calls) == 2:
+            raise RuntimeError("injected")
+        return real(*args, **kwargs)
     if where == "closure":
         with pytest.raises(RuntimeError, match="injected"):
             quadratic_step(opt, params, poison=boom)

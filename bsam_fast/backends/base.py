@@ -23,7 +23,7 @@ gradient holds inf or NaN. Backends never write gradients.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -87,6 +87,14 @@ class Backend:
                damping: float, skip_if: Optional[Tensor] = None) -> None:
         """skip_if (device_side backends only): skip on the device when it is non-zero."""
         raise NotImplementedError
+
+    def prepare_update(self, b: Bucket, *args, **kwargs) -> Callable[[], None]:
+        """The update in two halves: compute now, write when the returned commit is
+        called. The optimizer prepares every bucket before it commits any, so that an
+        error (out of memory, say) leaves every bucket as it was. Backends that compute
+        and write in one kernel (fused) defer the whole update: their inputs are checked
+        by the optimizer before the first commit."""
+        return lambda: self.update(b, *args, **kwargs)
 
     def restore(self, b: Bucket) -> None:
         torch._foreach_copy_(b.params, b.means)

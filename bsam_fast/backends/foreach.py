@@ -5,7 +5,7 @@ the number of kernel launches does not grow with the number of tensors.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -64,11 +64,14 @@ class ForeachBackend(Backend):
     def update(self, b: Bucket, grads: list[Tensor], grad_factor: Scalar, u_factor: float,
                lr: Scalar, beta1: float, beta2: float, weight_decay: float,
                damping: float, skip_if: Optional[Tensor] = None) -> None:
+        self.prepare_update(b, grads, grad_factor, u_factor, lr, beta1, beta2, weight_decay, damping)()
+
+    def prepare_update(self, b: Bucket, grads: list[Tensor], grad_factor: Scalar, u_factor: float,
+                       lr: Scalar, beta1: float, beta2: float, weight_decay: float,
+                       damping: float, skip_if: Optional[Tensor] = None) -> Callable[[], None]:
         g = _as_opmath(grads, b.means)
         g = torch._foreach_mul(g, grad_factor)
         torch._foreach_add_(g, torch._foreach_mul(b.means, weight_decay))   # g + delta w
-        # New values into new tensors first, then the writes: an error (out of memory,
-        # say) leaves the bucket as it was.
         gm = torch._foreach_mul(b.momenta, beta1)
         torch._foreach_add_(gm, g, alpha=1 - beta1)
         step = torch._foreach_div(gm, b.precisions)                          # gm / s
@@ -78,7 +81,10 @@ class ForeachBackend(Backend):
         torch._foreach_add_(u, damping + weight_decay)   # u + (gamma + delta)
         s = torch._foreach_mul(b.precisions, beta2)
         torch._foreach_add_(s, u, alpha=1 - beta2)
-        torch._foreach_copy_(b.momenta, gm)
-        torch._foreach_copy_(b.means, w)
-        torch._foreach_copy_(b.precisions, s)
-        torch._foreach_copy_(b.params, b.means)
+
+        def commit() -> None:
+            torch._foreach_copy_(b.momenta, gm)
+            torch._foreach_copy_(b.means, w)
+            torch._foreach_copy_(b.precisions, s)
+            torch._foreach_copy_(b.params, b.means)
+        return commit

@@ -21,7 +21,7 @@ parameters, whose fp32 mean is the master copy).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -94,19 +94,25 @@ class ReferenceBackend(Backend):
     def update(self, b: Bucket, grads: list[Tensor], grad_factor: Scalar, u_factor: float,
                lr: Scalar, beta1: float, beta2: float, weight_decay: float,
                damping: float, skip_if: Optional[Tensor] = None) -> None:
-        # Every new value first, then the writes: an error (out of memory, say) leaves the
-        # bucket as it was.
+        self.prepare_update(b, grads, grad_factor, u_factor, lr, beta1, beta2, weight_decay, damping)()
+
+    def prepare_update(self, b: Bucket, grads: list[Tensor], grad_factor: Scalar, u_factor: float,
+                       lr: Scalar, beta1: float, beta2: float, weight_decay: float,
+                       damping: float, skip_if: Optional[Tensor] = None) -> Callable[[], None]:
         new = []
         for w, gm, s, usum, grad in zip(b.means, b.momenta, b.precisions, b.u_sums, grads):
             g = grad.to(w.dtype) * grad_factor
             u = usum * u_factor
             gm_new = momentum_update(gm, g, w, beta1, weight_decay)
             new.append((gm_new, mean_update(w, gm_new, s, lr), precision_update(s, u, beta2, damping, weight_decay)))
-        for p, w, gm, s, (gm_new, w_new, s_new) in zip(b.params, b.means, b.momenta, b.precisions, new):
-            gm.copy_(gm_new)
-            w.copy_(w_new)
-            s.copy_(s_new)
-            p.copy_(w)
+
+        def commit() -> None:
+            for p, w, gm, s, (gm_new, w_new, s_new) in zip(b.params, b.means, b.momenta, b.precisions, new):
+                gm.copy_(gm_new)
+                w.copy_(w_new)
+                s.copy_(s_new)
+                p.copy_(w)
+        return commit
 
     def restore(self, b: Bucket) -> None:
         for p, w in zip(b.params, b.means):
