@@ -9,6 +9,7 @@ hooks in ``distributed.py``; argument checks in ``_checks.py``.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -112,6 +113,7 @@ class BSAM(TensorState, UpdatePhase, PosteriorMethods, Optimizer):
         self._capturable = bool(capturable)
         self._scratch: dict[Tensor, dict[str, Tensor]] = {}
         self._state = StepState(seed)
+        self.register_state_dict_post_hook(BSAM._add_noise_and_skips, prepend=True)
         if self._capturable:
             # Made now: made inside a graph capture, a counter's zero-fill would be replayed
             # with every step, and the host's position is stale once a graph has replayed.
@@ -206,16 +208,20 @@ class BSAM(TensorState, UpdatePhase, PosteriorMethods, Optimizer):
             # here, before the step changes anything (tensors unread when capturable).
             for group in self.param_groups:
                 check_hyperparameters(group, read_tensors=not self._capturable)
+            self._drop_stale_gradients()
             self._state.begin()
-            for group in self.param_groups:
-                for p in group["params"]:
+            # Frozen parameters (requires_grad=False) are not part of the posterior: no
+            # noise, no state, left as they are.
+            self._state.sampled = [[p for p in g["params"] if p.requires_grad] for g in self.param_groups]
+            for group, params in zip(self.param_groups, self._state.sampled):
+                for p in params:
                     self._init_state(group, p)
         offset = self._state.offset
         index = 0
-        for group in self.param_groups:
-            params = group["params"]
-            group_noise = None if noise is None else dict(zip(params, noise[index:index + len(params)]))
-            index += len(params)
+        for group, params in zip(self.param_groups, self._state.sampled):
+            everyone = group["params"]
+            group_noise = None if noise is None else dict(zip(everyone, noise[index:index + len(everyone)]))
+            index += len(everyone)
             for b in self._buckets(group, params):
                 xi = None if group_noise is None else [group_noise[p] for p in b.params]
                 counter = self._state.offset_tensor(b.device) if self._capturable else None
@@ -250,7 +256,7 @@ class BSAM(TensorState, UpdatePhase, PosteriorMethods, Optimizer):
             # Kept for step(): the perturbed gradients carry the same scale, also when the
             # step is finished by opt.step() rather than scaler.step(opt).
             self._state.scaler_inv_scale = inv_scale
-        active = [[p for p in g["params"] if p.grad is not None] for g in self.param_groups]
+        active = [[p for p in params if p.grad is not None] for params in self._state.sampled]
         try:
             grads = {id(p): g for params in active for p, g in zip(params, check_gradients(params))}
             if self._state.parts and [[id(p) for p in a] for a in active] != \
@@ -262,8 +268,8 @@ class BSAM(TensorState, UpdatePhase, PosteriorMethods, Optimizer):
             raise
         first_part = self._state.parts == 0
         self._state.active = active
-        for group, params in zip(self.param_groups, active):
-            idle = [p for p in group["params"] if p.grad is None]
+        for group, sampled, params in zip(self.param_groups, self._state.sampled, active):
+            idle = [p for p in sampled if p.grad is None]
             for b in self._buckets(group, idle):
                 self._backend.restore(b)
             for b in self._buckets(group, params):
@@ -280,6 +286,47 @@ class BSAM(TensorState, UpdatePhase, PosteriorMethods, Optimizer):
         self._state.parts += 1
         self._state.phase = PERTURBED
 
+    def _drop_stale_gradients(self) -> None:
+        """Gradients left from before the step would be added to the noisy gradient: drop
+        them (the noisy gradient must be taken at the noisy point alone), once with a word."""
+        stale = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not stale:
+            return
+        if not getattr(self, "_warned_stale", False):
+            self._warned_stale = True
+            warnings.warn(f"BSAM: {len(stale)} parameter(s) had a gradient from before the step; "
+                          "it was dropped, as the noisy gradient must be taken at the noisy point "
+                          "alone. Call zero_grad() before sample_noise(); gradients cannot be "
+                          "accumulated across bSAM steps (use m parts: step_parts).",
+                          RuntimeWarning, stacklevel=4)
+        for p in stale:
+            p.grad = None
+
+    def _merge_held_gradients(self) -> None:
+        """Put what zero_grad() set aside during the step back into .grad (summed)."""
+        held = self._state.held
+        if not held:
+            return
+        for params in self._state.active:
+            for p in params:
+                total = held.pop(id(p), None)
+                if total is not None:
+                    p.grad = total if p.grad is None else total.add_(p.grad)
+        held.clear()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As torch.optim's; inside a step (after perturb()), the perturbed gradients
+        collected so far are set aside, not discarded: a part's closure may zero the
+        gradients before its backward, and the step still sums every part."""
+        if self._state.phase == PERTURBED:
+            held = self._state.held
+            for params in self._state.active:
+                for p in params:
+                    if p.grad is not None:
+                        held[id(p)] = p.grad if id(p) not in held else held[id(p)].add_(p.grad)
+                        p.grad = None
+        super().zero_grad(set_to_none=set_to_none)
+
     def _bank_perturbed_gradients(self) -> None:
         """Part k > 1 begins: take the perturbed-gradient sum out of ``.grad``, so that the
         coming noisy backward() gives g_k alone; perturb() hands it back afterwards."""
@@ -292,6 +339,7 @@ class BSAM(TensorState, UpdatePhase, PosteriorMethods, Optimizer):
     def _check_perturbed_gradients(self) -> dict[int, Tensor]:
         """{id(p): gradient as the backends take it} of the active parameters; on a missing
         or unusable gradient the step is cancelled and the error raised."""
+        self._merge_held_gradients()
         grads = {}
         for params in self._state.active:
             missing = [p for p in params if p.grad is None]
@@ -328,16 +376,22 @@ class BSAM(TensorState, UpdatePhase, PosteriorMethods, Optimizer):
         Without a closure: finishes a step begun with ``sample_noise()`` and ``perturb()``
         (this is what ``GradScaler.step(optimizer)`` calls).
         """
-        if closure is None:
+        if closure is None or self._state.phase == PERTURBED:
+            # Finishes a step begun with the phase API. A closure passed here (Lightning's
+            # manual optimization passes one that does nothing) is not called: the
+            # gradients at the perturbed point are in already.
             if self._state.phase != PERTURBED:
                 raise RuntimeError("step() without a closure finishes a step begun with "
-                                   "sample_noise() and perturb(); pass a closure instead")
+                                   "sample_noise() and perturb(); pass a closure instead. "
+                                   "Inside a trainer that calls optimizer.step() itself "
+                                   "(Hugging Face Trainer, accelerate, Lightning 16-mixed) "
+                                   "see bsam_fast.integrations.")
             if noise is not None:
                 raise ValueError("noise is given to sample_noise() in the phase API")
             self._finish()
             return None
         if self._state.phase != IDLE:
-            raise RuntimeError("step(closure) called inside a step begun with sample_noise()")
+            raise RuntimeError("step(closure) called between sample_noise() and perturb()")
         try:
             self.sample_noise(noise)
             with torch.enable_grad():
@@ -349,24 +403,6 @@ class BSAM(TensorState, UpdatePhase, PosteriorMethods, Optimizer):
             self.cancel_step()
             raise
         self._finish()
-        return loss
-
-    def _closure_onto_banked(self, closure: Callable[[], Tensor]):
-        """Run a closure at the perturbed point and add its gradient to the sum perturb()
-        handed back, even if the closure calls zero_grad() first (as closures do)."""
-        held = [[p.grad for p in params] for params in self._state.active]
-        for params in self._state.active:
-            for p in params:
-                p.grad = None
-        with torch.enable_grad():
-            loss = closure()
-        with torch.no_grad():
-            for params, sums in zip(self._state.active, held):
-                for p, total in zip(params, sums):
-                    if total is not None and p.grad is not None:
-                        p.grad = total.add_(p.grad)
-                    elif total is not None:
-                        p.grad = total
         return loss
 
     def step_parts(self, closure: Callable[[int], Tensor], m: int,
@@ -390,7 +426,8 @@ class BSAM(TensorState, UpdatePhase, PosteriorMethods, Optimizer):
                 with torch.enable_grad():
                     closure(k)
                 self.perturb()
-                losses.append(self._closure_onto_banked(lambda: closure(k)))
+                with torch.enable_grad():
+                    losses.append(closure(k))
         except BaseException:
             self.cancel_step()
             raise
@@ -407,10 +444,14 @@ class BSAM(TensorState, UpdatePhase, PosteriorMethods, Optimizer):
         if self._state.phase != IDLE:
             raise RuntimeError("state_dict() inside an unfinished bSAM step (after "
                                "sample_noise(), before step())")
-        sd = super().state_dict()
-        sd["noise"] = {"seed": self._state.seed, "offset": self.noise_offset}
-        sd["skipped_steps"] = self.skipped_steps
-        return sd
+        return super().state_dict()
+
+    @staticmethod
+    def _add_noise_and_skips(optimizer: "BSAM", state_dict: dict) -> dict:
+        """The first state_dict post-hook (so that users' hooks see the whole state)."""
+        state_dict["noise"] = {"seed": optimizer._state.seed, "offset": optimizer.noise_offset}
+        state_dict["skipped_steps"] = optimizer.skipped_steps
+        return state_dict
 
     def load_state_dict(self, state_dict: dict) -> None:
         if self._state.phase != IDLE:

@@ -16,10 +16,14 @@ from .backends.base import opmath_dtype
 class PosteriorMethods:
     @torch.no_grad()
     def posterior_std(self) -> list[Tensor]:
-        """Per-parameter posterior standard deviation 1/sqrt(N*s), in param-group order."""
+        """Per-parameter posterior standard deviation 1/sqrt(N*s), in param-group order;
+        0 for frozen parameters (requires_grad=False): they are not part of the posterior."""
         out = []
         for group in self.param_groups:
             for p in group["params"]:
+                if not p.requires_grad:
+                    out.append(torch.zeros_like(p, dtype=opmath_dtype(p.dtype)))
+                    continue
                 state = self.state.get(p, {})
                 s = state.get("precision")
                 if s is None:
@@ -31,7 +35,7 @@ class PosteriorMethods:
     def sampled_params(self, generator: Optional[torch.Generator] = None) -> Iterator[None]:
         """Context manager: the parameters hold one posterior sample w + xi/sqrt(N*s)
         (xi from ``torch.randn`` with ``generator``), and the mean again on exit, also on
-        an exception."""
+        an exception. Frozen parameters (requires_grad=False) keep their value."""
         if self.in_step:
             raise RuntimeError("sampled_params() inside an unfinished bSAM step")
         params = self._params()
@@ -39,6 +43,8 @@ class PosteriorMethods:
         try:
             with torch.no_grad():
                 for p, std in zip(params, self.posterior_std()):
+                    if not p.requires_grad:
+                        continue
                     xi = torch.randn(p.shape, generator=generator, dtype=std.dtype,
                                      device=generator.device if generator is not None else p.device)
                     p.copy_(self._mean_of(p) + xi.to(p.device) * std)

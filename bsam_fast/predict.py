@@ -44,6 +44,11 @@ def predict_bma(model: nn.Module, optimizer: BSAM, x: Tensor, samples: int = 32,
     back afterwards). The NLL of these averaged probabilities is the predictive NLL."""
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
+    owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    if not any(id(p) in owned for p in model.parameters()):
+        raise ValueError("predict_bma: none of the model's parameters is the optimizer's, so the "
+                         "posterior samples would not reach it (a copy such as AveragedModel or a "
+                         "deepcopy?). Pass the module whose parameters the optimizer trains.")
     total = None
     with eval_mode(model):
         for _ in range(samples):

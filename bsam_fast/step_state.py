@@ -46,6 +46,9 @@ class StepState:
         self.used_scaler = False
         self.scaler_inv_scale: Optional[Tensor] = None  # 1/scale seen by perturb(grad_scaler=)
         self.banked: list[list[Optional[Tensor]]] = []  # perturbed-gradient sums between parts
+        self.sampled: list[list[Tensor]] = []           # per group: params in the posterior
+        # perturbed-gradient sums that zero_grad() took out of .grad during the step
+        self.held: dict[int, Tensor] = {}
 
     @property
     def in_step(self) -> bool:

@@ -112,9 +112,13 @@ class UpdatePhase:
         """Mean back into the parameters without a gradient; the posterior update for the
         rest (skipped on the device where skip_flag(device) is non-zero)."""
         u_factor = 1.0 / (m * self._world_size)      # u_sums were summed over ranks
-        # The perturbed gradients' scale: scaler.step(opt) sets grad_scale; a step finished
-        # by opt.step() after perturb(grad_scaler=) uses the scale perturb() saw.
-        inv_scale = _inverse(grad_scale) if grad_scale is not None else self._state.scaler_inv_scale
+        # The perturbed gradients' scale: scaler.step(opt) sets grad_scale (None when
+        # scaler.unscale_(opt) came first: the gradients are unscaled already); a step
+        # finished by opt.step() after perturb(grad_scaler=) uses the scale perturb() saw.
+        if hasattr(self, "grad_scale"):
+            inv_scale = None if grad_scale is None else _inverse(grad_scale)
+        else:
+            inv_scale = self._state.scaler_inv_scale
         commits = []           # every bucket computed before any is written (see Backend)
         for group, params in zip(self.param_groups, self._state.active):
             beta1, beta2 = group["betas"]
@@ -125,15 +129,16 @@ class UpdatePhase:
                     b, [grads[id(p)] for p in b.params], factor, u_factor, lr, beta1, beta2,
                     group["weight_decay"], group["damping"],
                     skip_if=None if skip_flag is None else skip_flag(b.device)))
-        for group, params in zip(self.param_groups, self._state.active):
+        for group, sampled, params in zip(self.param_groups, self._state.sampled, self._state.active):
             active_ids = {id(p) for p in params}
-            for b in self._buckets(group, [p for p in group["params"] if id(p) not in active_ids]):
+            for b in self._buckets(group, [p for p in sampled if id(p) not in active_ids]):
                 self._backend.restore(b)
         for commit in commits:
             commit()
         self._state.begin()
 
     def _restore_all(self) -> None:
-        for group in self.param_groups:
-            for b in self._buckets(group, [p for p in group["params"] if p in self.state]):
+        """Parameters of the step in progress back to their mean."""
+        for group, sampled in zip(self.param_groups, self._state.sampled):
+            for b in self._buckets(group, sampled):
                 self._backend.restore(b)

@@ -1,5 +1,6 @@
 """Worker functions for test_distributed.py (spawned processes must import them by name)."""
 import datetime
+import gc
 import os
 
 import torch
@@ -19,6 +20,14 @@ def setup(rank, world, port):
     os.environ["MASTER_PORT"] = str(port)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=20))
     torch.set_num_threads(1)
+
+
+def teardown():
+    """Every DDP model gone and every rank here before the group goes: a DDP reducer that
+    outlives its process group aborts the process at exit (seen as a flaky SIGABRT)."""
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def global_batch(step, world, dtype):
@@ -62,7 +71,7 @@ def worker_train(rank, world, port, out_dir, dtype_name):
     train(net, model, opt, STEPS, 0, world, rank, dtype)
     torch.save({"state": state_of(net, opt), "seed": opt.noise_seed, "key": opt._noise_key},
                os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    teardown()
 
 
 def worker_checkpoint(rank, world, port, out_dir):
@@ -85,7 +94,7 @@ def worker_checkpoint(rank, world, port, out_dir):
     train(net, model, opt, 3, 3, world, rank, dtype)
     resumed = state_of(net, opt)
     torch.save({"straight": straight, "resumed": resumed}, os.path.join(out_dir, f"ck{rank}.pt"))
-    dist.destroy_process_group()
+    teardown()
 
 
 def worker_fsdp2_refused(rank, world, port, out_dir):
@@ -101,7 +110,7 @@ def worker_fsdp2_refused(rank, world, port, out_dir):
         message = str(exc)
     with open(os.path.join(out_dir, f"fsdp{rank}.txt"), "w") as f:
         f.write(message)
-    dist.destroy_process_group()
+    teardown()
 
 
 def worker_one_rank_raises(rank, world, port, out_dir):
