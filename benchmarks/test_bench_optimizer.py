@@ -46,7 +46,7 @@ def test_bsam_optimizer_step(benchmark, backend, layout):
             p.grad = g
 
     def step():
-        opt.sample_noise(); put(); opt.perturb(); put(); opt.step()
+        opt.zero_grad(); opt.sample_noise(); put(); opt.perturb(); put(); opt.step()
     run(benchmark, step)
     benchmark.extra_info.update(backend=backend, layout=layout, numel=sum(p.numel() for p in params))
     assert not opt.in_step

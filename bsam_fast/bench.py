@@ -174,6 +174,7 @@ def time_bsam(shapes, device, dtype, backend, reps) -> tuple[dict, int, int]:
     opt.sample_noise(); put_grads(); opt.perturb(); put_grads(); opt.step()
     phase_times = {"sample": [], "perturb": [], "update": []}
     for i in range(3 + reps):
+        opt.zero_grad()                 # as a training loop does between steps (untimed)
         _sync(device); t0 = time.perf_counter(); opt.sample_noise(); _sync(device); t1 = time.perf_counter()
         put_grads()
         _sync(device); t2 = time.perf_counter(); opt.perturb(); _sync(device); t3 = time.perf_counter()

@@ -286,13 +286,14 @@ class BSAM(TensorState, UpdatePhase, PosteriorMethods, Optimizer):
         self._state.parts += 1
         self._state.phase = PERTURBED
 
-    def _drop_stale_gradients(self) -> None:
+    def _drop_stale_gradients(self, warn: bool = True) -> None:
         """Gradients left from before the step would be added to the noisy gradient: drop
-        them (the noisy gradient must be taken at the noisy point alone), once with a word."""
+        them (the noisy gradient must be taken at the noisy point alone), once with a word
+        in the phase API (step(closure): the closure zeroes them anyway)."""
         stale = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
         if not stale:
             return
-        if not getattr(self, "_warned_stale", False):
+        if warn and not getattr(self, "_warned_stale", False):
             self._warned_stale = True
             warnings.warn(f"BSAM: {len(stale)} parameter(s) had a gradient from before the step; "
                           "it was dropped, as the noisy gradient must be taken at the noisy point "
@@ -392,6 +393,7 @@ class BSAM(TensorState, UpdatePhase, PosteriorMethods, Optimizer):
             return None
         if self._state.phase != IDLE:
             raise RuntimeError("step(closure) called between sample_noise() and perturb()")
+        self._drop_stale_gradients(warn=False)
         try:
             self.sample_noise(noise)
             with torch.enable_grad():
@@ -420,6 +422,7 @@ class BSAM(TensorState, UpdatePhase, PosteriorMethods, Optimizer):
         if self._state.phase != IDLE:
             raise RuntimeError("step_parts() called inside a step begun with sample_noise()")
         losses = []
+        self._drop_stale_gradients(warn=False)
         try:
             for k in range(m):
                 self.sample_noise(None if noise is None else noise[k])
