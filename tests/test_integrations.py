@@ -281,3 +281,25 @@ def test_lightning_refuses_accumulation_and_warns_on_clipping():
         _fit(_lightning_module(False), [BSAMCallback()], accumulate_grad_batches=2)
     with pytest.warns(UserWarning, match="both the noisy and the perturbed"):
         _fit(_lightning_module(False), [BSAMCallback()], gradient_clip_val=1.0)
+
+
+def test_accelerate_prepared_optimizer_with_a_closure():
+    """A loop of one's own under accelerate: prepare(), accelerator.backward in the closure."""
+    pytest.importorskip("accelerate")
+    from accelerate import Accelerator
+    x, y = make_data()
+    results = []
+    for use_accelerate in (False, True):
+        model = make_model()
+        opt = BSAM(model.parameters(), lr=0.05, num_data=100, backend="reference", seed=3)
+        backward = lambda loss: loss.backward()
+        if use_accelerate:
+            accelerator = Accelerator(cpu=True)
+            model, opt = accelerator.prepare(model, opt)
+            backward = accelerator.backward
+        for _ in range(3):
+            opt.step(lambda: (opt.zero_grad(), backward(F.cross_entropy(model(x), y))))
+        results.append([p.detach().clone() for p in model.parameters()])
+        assert opt.optimizer.noise_offset == 3 if use_accelerate else opt.noise_offset == 3
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
