@@ -86,15 +86,18 @@ class Backend:
                lr: Scalar, beta1: float, beta2: float, weight_decay: float,
                damping: float, skip_if: Optional[Tensor] = None) -> None:
         """skip_if (device_side backends only): skip on the device when it is non-zero."""
-        raise NotImplementedError
+        self.prepare_update(b, grads, grad_factor, u_factor, lr, beta1, beta2, weight_decay, damping,
+                            skip_if)()
 
-    def prepare_update(self, b: Bucket, *args, **kwargs) -> Callable[[], None]:
+    def prepare_update(self, b: Bucket, grads: list[Tensor], grad_factor: Scalar, u_factor: float,
+                       lr: Scalar, beta1: float, beta2: float, weight_decay: float,
+                       damping: float, skip_if: Optional[Tensor] = None) -> Callable[[], None]:
         """The update in two halves: compute now, write when the returned commit is
         called. The optimizer prepares every bucket before it commits any, so that an
         error (out of memory, say) leaves every bucket as it was. Backends that compute
-        and write in one kernel (fused) defer the whole update: their inputs are checked
-        by the optimizer before the first commit."""
-        return lambda: self.update(b, *args, **kwargs)
+        and write in one kernel (fused) return the kernel call: the optimizer checks their
+        inputs before the first commit."""
+        raise NotImplementedError
 
     def restore(self, b: Bucket) -> None:
         torch._foreach_copy_(b.params, b.means)

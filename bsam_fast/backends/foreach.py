@@ -61,11 +61,6 @@ class ForeachBackend(Backend):
     def check_finite(self, grads: list[Tensor], found_inf: Tensor) -> None:
         mark_non_finite(grads, found_inf)
 
-    def update(self, b: Bucket, grads: list[Tensor], grad_factor: Scalar, u_factor: float,
-               lr: Scalar, beta1: float, beta2: float, weight_decay: float,
-               damping: float, skip_if: Optional[Tensor] = None) -> None:
-        self.prepare_update(b, grads, grad_factor, u_factor, lr, beta1, beta2, weight_decay, damping)()
-
     def prepare_update(self, b: Bucket, grads: list[Tensor], grad_factor: Scalar, u_factor: float,
                        lr: Scalar, beta1: float, beta2: float, weight_decay: float,
                        damping: float, skip_if: Optional[Tensor] = None) -> Callable[[], None]:

@@ -4,7 +4,7 @@ Each phase is one op call over a whole bucket, i.e. one pass over all its parame
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -56,11 +56,12 @@ class FusedBackend(Backend):
     def check_finite(self, grads: list[Tensor], found_inf: Tensor) -> None:
         _ops.check_finite_(grads, found_inf)
 
-    def update(self, b: Bucket, grads: list[Tensor], grad_factor: Scalar, u_factor: float,
-               lr: Scalar, beta1: float, beta2: float, weight_decay: float,
-               damping: float, skip_if: Optional[Tensor] = None) -> None:
-        _ops.update_(b.params, b.means, b.momenta, b.precisions, grads, b.u_sums, grad_factor,
-                     u_factor, lr, beta1, beta2, weight_decay, damping, b.master_mean, skip_if)
+    def prepare_update(self, b: Bucket, grads: list[Tensor], grad_factor: Scalar, u_factor: float,
+                       lr: Scalar, beta1: float, beta2: float, weight_decay: float,
+                       damping: float, skip_if: Optional[Tensor] = None) -> Callable[[], None]:
+        return lambda: _ops.update_(b.params, b.means, b.momenta, b.precisions, grads, b.u_sums,
+                                    grad_factor, u_factor, lr, beta1, beta2, weight_decay, damping,
+                                    b.master_mean, skip_if)
 
 
 class CpuBackend(FusedBackend):
