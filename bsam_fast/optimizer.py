@@ -9,7 +9,6 @@ hooks in ``distributed.py``; argument checks in ``_checks.py``.
 """
 from __future__ import annotations
 
-import warnings
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -24,6 +23,7 @@ from .backends.base import opmath_dtype
 from .noise import noise_bases, seed_from_default_generator, stream_seed
 from .posterior import PosteriorMethods
 from .step_state import IDLE, NOISY, PERTURBED, StepState
+from .gradients import StepGradients
 from .tensor_state import TensorState
 from .update import UpdatePhase, _inverse
 
@@ -53,7 +53,7 @@ def split_batch(*tensors: Tensor, m: int) -> list[tuple[Tensor, ...]]:
     return list(zip(*(t.chunk(m) for t in tensors)))
 
 
-class BSAM(TensorState, UpdatePhase, PosteriorMethods, Optimizer):
+class BSAM(TensorState, StepGradients, UpdatePhase, PosteriorMethods, Optimizer):
     r"""Bayesian-SAM (Möllenhoff & Khan, ICLR 2023): SAM as an optimal relaxation of Bayes.
 
     Learns a diagonal Gaussian posterior ``N(w, 1/(N*s))`` over the parameters. Between
@@ -181,9 +181,6 @@ class BSAM(TensorState, UpdatePhase, PosteriorMethods, Optimizer):
         seed = self._state.seed
         return seed if self._group is None else stream_seed(seed, self._rank)
 
-
-
-
     # ------------------------------------------------------------------ phases
     @torch.no_grad()
     def sample_noise(self, noise: Optional[Sequence[Tensor]] = None) -> None:
@@ -230,7 +227,6 @@ class BSAM(TensorState, UpdatePhase, PosteriorMethods, Optimizer):
                                      offset_tensor=counter)
         self._state.advance_noise()
         self._state.phase = NOISY
-
 
     @torch.no_grad()
     def perturb(self, grad_scaler=None) -> None:
@@ -286,35 +282,6 @@ class BSAM(TensorState, UpdatePhase, PosteriorMethods, Optimizer):
         self._state.parts += 1
         self._state.phase = PERTURBED
 
-    def _drop_stale_gradients(self, warn: bool = True) -> None:
-        """Gradients left from before the step would be added to the noisy gradient: drop
-        them (the noisy gradient must be taken at the noisy point alone), once with a word
-        in the phase API (step(closure): the closure zeroes them anyway)."""
-        stale = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if not stale:
-            return
-        if warn and not getattr(self, "_warned_stale", False):
-            self._warned_stale = True
-            warnings.warn(f"BSAM: {len(stale)} parameter(s) had a gradient from before the step; "
-                          "it was dropped, as the noisy gradient must be taken at the noisy point "
-                          "alone. Call zero_grad() before sample_noise(); gradients cannot be "
-                          "accumulated across bSAM steps (use m parts: step_parts).",
-                          RuntimeWarning, stacklevel=4)
-        for p in stale:
-            p.grad = None
-
-    def _merge_held_gradients(self) -> None:
-        """Put what zero_grad() set aside during the step back into .grad (summed)."""
-        held = self._state.held
-        if not held:
-            return
-        for params in self._state.active:
-            for p in params:
-                total = held.pop(id(p), None)
-                if total is not None:
-                    p.grad = total if p.grad is None else total.add_(p.grad)
-        held.clear()
-
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As torch.optim's; inside a step (after perturb()), the perturbed gradients
         collected so far are set aside, not discarded: a part's closure may zero the
@@ -327,34 +294,6 @@ class BSAM(TensorState, UpdatePhase, PosteriorMethods, Optimizer):
                         held[id(p)] = p.grad if id(p) not in held else held[id(p)].add_(p.grad)
                         p.grad = None
         super().zero_grad(set_to_none=set_to_none)
-
-    def _bank_perturbed_gradients(self) -> None:
-        """Part k > 1 begins: take the perturbed-gradient sum out of ``.grad``, so that the
-        coming noisy backward() gives g_k alone; perturb() hands it back afterwards."""
-        self._check_perturbed_gradients()
-        self._state.banked = [[p.grad for p in params] for params in self._state.active]
-        for params in self._state.active:
-            for p in params:
-                p.grad = None
-
-    def _check_perturbed_gradients(self) -> dict[int, Tensor]:
-        """{id(p): gradient as the backends take it} of the active parameters; on a missing
-        or unusable gradient the step is cancelled and the error raised."""
-        self._merge_held_gradients()
-        grads = {}
-        for params in self._state.active:
-            missing = [p for p in params if p.grad is None]
-            if missing:
-                self.cancel_step()
-                raise RuntimeError(f"{len(missing)} parameter(s) had a gradient at the noisy "
-                                   "point but none at the perturbed point")
-            try:
-                grads.update((id(p), g) for p, g in zip(params, check_gradients(params)))
-            except Exception:
-                self.cancel_step()
-                raise
-        return grads
-
 
     @torch.no_grad()
     def cancel_step(self) -> None:
