@@ -16,6 +16,8 @@ HYPERPARAMETERS = ("lr", "num_data", "rho", "betas", "weight_decay", "damping", 
 def _number(group: dict, name: str, read_tensors: bool) -> Optional[float]:
     """A hyperparameter as a float (None for a tensor left unread); one-element tensors only."""
     value = group[name]
+    if isinstance(value, Tensor) and name not in ("lr", "rho"):
+        raise ValueError(f"Invalid {name}: a tensor (only lr and rho may be tensors)")
     if isinstance(value, Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name} must be a float or a one-element tensor, got shape "

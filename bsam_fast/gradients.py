@@ -4,13 +4,14 @@ A step starts from no gradient (one left from before would be added to the noisy
 gradient). ``perturb()`` consumes the noisy gradient and, from the second part on, hands
 the running sum of the perturbed gradients back in ``.grad`` (so that autograd, and DDP's
 all-reduce, accumulate onto it); the next part's ``sample_noise()`` banks that sum again.
-``zero_grad()`` after ``perturb()`` sets what it would discard aside (``held``); it is
-merged back before the sum is read.
+``zero_grad()`` while ``.grad`` holds that sum is refused (it would drop the earlier
+parts); ``step_parts`` sets the sum aside around each closure, so closures may zero.
 """
 from __future__ import annotations
 
 import warnings
 
+import torch
 from torch import Tensor
 
 from ._checks import check_gradients
@@ -34,17 +35,22 @@ class StepGradients:
         for p in stale:
             p.grad = None
 
-    def _merge_held_gradients(self) -> None:
-        """Put what zero_grad() set aside during the step back into .grad (summed)."""
-        held = self._state.held
-        if not held:
-            return
+    def _closure_onto_sum(self, closure):
+        """Run a part's closure at the perturbed point and add its gradient to the sum
+        perturb() handed back, whatever the closure zeroes first (opt.zero_grad(),
+        model.zero_grad(), a trainer's)."""
+        held = [[p.grad for p in params] for params in self._state.active]
         for params in self._state.active:
             for p in params:
-                total = held.pop(id(p), None)
-                if total is not None:
-                    p.grad = total if p.grad is None else total.add_(p.grad)
-        held.clear()
+                p.grad = None
+        with torch.enable_grad():
+            loss = closure()
+        with torch.no_grad():
+            for params, sums in zip(self._state.active, held):
+                for p, total in zip(params, sums):
+                    if total is not None:
+                        p.grad = total if p.grad is None else total.add_(p.grad)
+        return loss
 
     def _bank_perturbed_gradients(self) -> None:
         """Part k > 1 begins: take the perturbed-gradient sum out of ``.grad``, so that the
@@ -58,7 +64,6 @@ class StepGradients:
     def _check_perturbed_gradients(self) -> dict[int, Tensor]:
         """{id(p): gradient as the backends take it} of the active parameters; on a missing
         or unusable gradient the step is cancelled and the error raised."""
-        self._merge_held_gradients()
         grads = {}
         for params in self._state.active:
             missing = [p for p in params if p.grad is None]

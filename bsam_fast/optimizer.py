@@ -94,7 +94,6 @@ class BSAM(TensorState, StepGradients, UpdatePhase, PosteriorMethods, Optimizer)
                         weight_decay=weight_decay, damping=damping, s_init=s_init)
         check_hyperparameters(defaults)
         self._noise_base: dict[Tensor, int] = {}
-        self._noise_end = 0
         super().__init__(params, defaults)
         all_params = self._params()
         self._backend_request = backend
@@ -137,10 +136,11 @@ class BSAM(TensorState, StepGradients, UpdatePhase, PosteriorMethods, Optimizer)
         except Exception:
             self.param_groups.pop()
             raise
-        bases = noise_bases([p.numel() for p in group["params"]])
-        for p, base in zip(group["params"], bases):
-            self._noise_base[p] = self._noise_end + base
-        self._noise_end += sum((p.numel() + 3) // 4 * 4 for p in group["params"])
+        # The stream continues after the groups before (computed from the shared dict, so
+        # that a wrapper's copy of this optimizer's __dict__ cannot hold a stale end).
+        end = max((base + (p.numel() + 3) // 4 * 4 for p, base in self._noise_base.items()), default=0)
+        for p, base in zip(group["params"], noise_bases([p.numel() for p in group["params"]])):
+            self._noise_base[p] = end + base
         if getattr(self, "_capturable", False):
             for p in group["params"]:
                 self._state.offset_tensor(p.device)
@@ -252,6 +252,7 @@ class BSAM(TensorState, StepGradients, UpdatePhase, PosteriorMethods, Optimizer)
             # Kept for step(): the perturbed gradients carry the same scale, also when the
             # step is finished by opt.step() rather than scaler.step(opt).
             self._state.scaler_inv_scale = inv_scale
+            self._state.scaler = grad_scaler
         active = [[p for p in params if p.grad is not None] for params in self._state.sampled]
         try:
             grads = {id(p): g for params in active for p, g in zip(params, check_gradients(params))}
@@ -283,16 +284,15 @@ class BSAM(TensorState, StepGradients, UpdatePhase, PosteriorMethods, Optimizer)
         self._state.phase = PERTURBED
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """As torch.optim's; inside a step (after perturb()), the perturbed gradients
-        collected so far are set aside, not discarded: a part's closure may zero the
-        gradients before its backward, and the step still sums every part."""
-        if self._state.phase == PERTURBED:
-            held = self._state.held
-            for params in self._state.active:
-                for p in params:
-                    if p.grad is not None:
-                        held[id(p)] = p.grad if id(p) not in held else held[id(p)].add_(p.grad)
-                        p.grad = None
+        """As torch.optim's, but refused (before anything changes) while ``.grad`` holds
+        the perturbed gradients of earlier parts of an m-part step: zeroing would drop
+        them. Zero before ``sample_noise()``; ``step_parts`` closures may zero freely."""
+        if self._state.phase == PERTURBED and self._state.parts > 1 and any(
+                p.grad is not None for params in self._state.active for p in params):
+            raise RuntimeError("zero_grad() after perturb() of part "
+                               f"{self._state.parts} would drop the perturbed gradients of the "
+                               "earlier parts, which .grad holds; zero the gradients before "
+                               "sample_noise() instead (or use step_parts, whose closures may zero)")
         super().zero_grad(set_to_none=set_to_none)
 
     @torch.no_grad()
@@ -332,6 +332,13 @@ class BSAM(TensorState, StepGradients, UpdatePhase, PosteriorMethods, Optimizer)
             return None
         if self._state.phase != IDLE:
             raise RuntimeError("step(closure) called between sample_noise() and perturb()")
+        if hasattr(self, "grad_scale") or hasattr(self, "found_inf"):
+            self.__dict__.pop("grad_scale", None)     # GradScaler removes them only on success
+            self.__dict__.pop("found_inf", None)
+            raise RuntimeError("GradScaler.step(optimizer, closure) cannot drive a bSAM step (the "
+                               "scaler checks the gradients before the closure makes them); use "
+                               "the phase API: sample_noise(), backward, perturb(grad_scaler="
+                               "scaler), backward, scaler.step(optimizer)")
         self._drop_stale_gradients(warn=False)
         try:
             self.sample_noise(noise)
@@ -368,8 +375,7 @@ class BSAM(TensorState, StepGradients, UpdatePhase, PosteriorMethods, Optimizer)
                 with torch.enable_grad():
                     closure(k)
                 self.perturb()
-                with torch.enable_grad():
-                    losses.append(closure(k))
+                losses.append(self._closure_onto_sum(lambda: closure(k)))
         except BaseException:
             self.cancel_step()
             raise

@@ -44,11 +44,10 @@ class StepState:
         self.active: list[list[Tensor]] = []            # per group: params with a gradient
         self.found: dict[str, dict[torch.device, Tensor]] = {"noisy": {}, "perturbed": {}}
         self.used_scaler = False
-        self.scaler_inv_scale: Optional[Tensor] = None  # 1/scale seen by perturb(grad_scaler=)
+        self.scaler = None                              # the GradScaler given to perturb()
+        self.scaler_inv_scale: Optional[Tensor] = None  # its 1/scale then
         self.banked: list[list[Optional[Tensor]]] = []  # perturbed-gradient sums between parts
         self.sampled: list[list[Tensor]] = []           # per group: params in the posterior
-        # perturbed-gradient sums that zero_grad() took out of .grad during the step
-        self.held: dict[int, Tensor] = {}
 
     @property
     def in_step(self) -> bool:

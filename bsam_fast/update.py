@@ -29,6 +29,16 @@ def _grad_factor(inv_scale: Tensor, m: int, b: Bucket) -> Tensor:
     return inv_scale.to(device=b.device, dtype=torch.float64).div(m).to(b.means[0].dtype)
 
 
+def _unscaled_by(scaler, optimizer) -> bool:
+    """True if `scaler` (the GradScaler perturb() saw) has unscaled the optimizer's
+    gradients since its last update() (``scaler.unscale_(opt)``, e.g. to clip)."""
+    if scaler is None:
+        return False
+    from torch.amp.grad_scaler import OptState
+    state = getattr(scaler, "_per_optimizer_states", {}).get(id(optimizer))
+    return state is not None and state.get("stage") is OptState.UNSCALED
+
+
 class UpdatePhase:
     @torch.no_grad()
     def _finish(self) -> None:
@@ -41,6 +51,10 @@ class UpdatePhase:
             self._check_and_update(grads)
         except BaseException:
             self.cancel_step()
+            # GradScaler.step() removes these only when step() returns: a later step must
+            # not read them.
+            self.__dict__.pop("grad_scale", None)
+            self.__dict__.pop("found_inf", None)
             raise
 
     def _check_and_update(self, grads: dict[int, Tensor]) -> None:
@@ -117,6 +131,8 @@ class UpdatePhase:
         # finished by opt.step() after perturb(grad_scaler=) uses the scale perturb() saw.
         if hasattr(self, "grad_scale"):
             inv_scale = None if grad_scale is None else _inverse(grad_scale)
+        elif _unscaled_by(self._state.scaler, self):       # scaler.unscale_(opt); opt.step()
+            inv_scale = None
         else:
             inv_scale = self._state.scaler_inv_scale
         commits = []           # every bucket computed before any is written (see Backend)

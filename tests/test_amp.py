@@ -1,4 +1,5 @@
 """GradScaler through the phase API (CPU autocast/GradScaler here; CUDA in test_cuda)."""
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -70,3 +71,40 @@ def test_step_after_perturb_with_scaler_unscales_without_scaler_step(backend):
     sa, sb = snapshot(a, opt_a), snapshot(b, opt_b)
     for k in sa:
         torch.testing.assert_close(sa[k], sb[k], rtol=1e-6, atol=1e-9)
+
+
+def test_unscale_then_step_unscales_once(backend):
+    """perturb(grad_scaler=), scaler.unscale_(opt) (to clip), then opt.step() or
+    scaler.step(opt): the perturbed gradient is unscaled once."""
+    x, y = make_data()
+    ref = make_model()
+    opt_ref = BSAM(ref.parameters(), lr=0.05, num_data=100, backend=backend, seed=1)
+    opt_ref.step(lambda: (opt_ref.zero_grad(), F.cross_entropy(ref(x), y).backward()))
+    for finish in ("opt.step", "scaler.step"):
+        model = make_model()
+        opt = BSAM(model.parameters(), lr=0.05, num_data=100, backend=backend, seed=1)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        opt.sample_noise()
+        scaler.scale(F.cross_entropy(model(x), y)).backward()
+        opt.perturb(grad_scaler=scaler)
+        scaler.scale(F.cross_entropy(model(x), y)).backward()
+        scaler.unscale_(opt)
+        if finish == "opt.step":
+            opt.step()
+        else:
+            scaler.step(opt)
+        scaler.update()
+        a, b = snapshot(model, opt), snapshot(ref, opt_ref)
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-9, msg=f"{finish}: {k}")
+
+
+def test_scaler_step_with_a_closure_is_refused_clearly():
+    x, y = make_data()
+    model = make_model()
+    opt = BSAM(model.parameters(), lr=0.05, num_data=100, seed=1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaler.scale(torch.ones(()))                   # a scaler in use (as accelerate's is)
+    with pytest.raises(RuntimeError, match="phase API"):
+        scaler.step(opt, lambda: scaler.scale(F.cross_entropy(model(x), y)).backward())
+    assert not hasattr(opt, "grad_scale") and not hasattr(opt, "found_inf") and not opt.in_step

@@ -45,23 +45,45 @@ def test_stale_gradient_is_dropped_with_a_warning():
     assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
 
 
-def test_zero_grad_between_parts_keeps_the_earlier_parts():
+def test_zero_grad_that_would_drop_earlier_parts_is_refused():
+    x, y = make_data(n=8)
+    parts = split_batch(x, y, m=2)
+    model = make_model()
+    opt = BSAM(model.parameters(), lr=0.05, num_data=100, backend="reference", seed=3)
+    for k, (xk, yk) in enumerate(parts):
+        opt.sample_noise()
+        F.cross_entropy(model(xk), yk).backward()
+        opt.perturb()
+        if k == 1:
+            held = [p.grad.clone() for p in model.parameters()]
+            with pytest.raises(RuntimeError, match="earlier parts"):
+                opt.zero_grad()
+            assert all(torch.equal(p.grad, h) for p, h in zip(model.parameters(), held))
+        F.cross_entropy(model(xk), yk).backward()
+    opt.step()
+
+
+def test_step_parts_closures_may_zero_any_way():
+    """opt.zero_grad(), model.zero_grad() or none at all in the closure: the same step."""
     x, y = make_data(n=8)
     parts = split_batch(x, y, m=2)
     results = []
-    for zero in (False, True):
+    for zero in ("opt", "model", "none"):
         model = make_model()
         opt = BSAM(model.parameters(), lr=0.05, num_data=100, backend="reference", seed=3)
-        for xk, yk in parts:
-            opt.sample_noise()
-            F.cross_entropy(model(xk), yk).backward()
-            opt.perturb()
-            if zero:
-                opt.zero_grad()                     # would have dropped part 1's sum
-            F.cross_entropy(model(xk), yk).backward()
-        opt.step()
+
+        def closure(k):
+            if zero == "opt":
+                opt.zero_grad()
+            elif zero == "model":
+                model.zero_grad()
+            F.cross_entropy(model(parts[k][0]), parts[k][1]).backward()
+        for _ in range(2):
+            opt.zero_grad()
+            opt.step_parts(closure, 2)
         results.append(snapshot(model, opt))
-    assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
+    for r in results[1:]:
+        assert all(torch.equal(results[0][k], r[k]) for k in r)
 
 
 def test_frozen_parameters_are_not_part_of_the_posterior(backend):
@@ -262,6 +284,8 @@ def test_lightning_16_mixed_with_a_scaler():
         return MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0 ** 8))
     with pytest.raises(ValueError, match="manual optimization"):
         _fit(_lightning_module(False), [BSAMCallback()], plugins=[plugin()])
+    with pytest.raises(ValueError, match="clip_val with a GradScaler"):
+        _fit(_lightning_module(True, clip=1.0), [BSAMCallback()], plugins=[plugin()])
     manual = _lightning_module(True)
     trainer = _fit(manual, [BSAMCallback()], plugins=[plugin()])
     opt = trainer.optimizers[0]

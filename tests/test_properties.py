@@ -69,8 +69,9 @@ def run_step(opt, params, sc, event):
     m = sc["m"] if sc["driver"] != "step" else 1
     poisoned = {"n": 0}
 
-    def closure(part=0):
-        opt.zero_grad()
+    def closure(part=0, zero=True):
+        if zero:
+            opt.zero_grad()
         loss_of(params, part).backward()
         poisoned["n"] += 1
         if event == "closure_error":
@@ -91,15 +92,16 @@ def run_step(opt, params, sc, event):
         elif sc["driver"] == "step_parts":
             opt.step_parts(closure, m)
         else:
+            opt.zero_grad()
             for k in range(m):
                 opt.sample_noise()
-                closure(k)
+                closure(k, zero=False)
                 opt.perturb()
                 if event == "cancel" and k == m - 1:
                     opt.cancel_step()
                     return "failed"
                 try:
-                    closure(k)
+                    closure(k, zero=False)
                 except Injected:
                     opt.cancel_step()
                     raise

@@ -224,3 +224,20 @@ def test_an_expanded_parameter_is_refused():
     p = nn.Parameter(torch.ones(1, 3).expand(4, 3))
     with pytest.raises(ValueError, match="share memory"):
         BSAM([p], lr=0.1, num_data=10)
+
+
+def test_only_lr_and_rho_may_be_tensors():
+    with pytest.raises(ValueError, match="only lr and rho"):
+        BSAM([nn.Parameter(torch.ones(2))], lr=0.1, num_data=torch.tensor(10.0))
+
+
+def test_noise_layout_of_a_group_added_through_a_wrapper():
+    """A group added through a copy of the optimizer's __dict__ (Lightning's wrapper) still
+    continues the noise stream after the earlier groups."""
+    a, b, c = (nn.Parameter(torch.ones(5)) for _ in range(3))
+    opt = BSAM([a], lr=0.1, num_data=10)
+    wrapper = object.__new__(BSAM)            # what LightningOptimizer does: share __dict__'s values
+    wrapper.__dict__.update(opt.__dict__)
+    wrapper.add_param_group({"params": [b]})
+    opt.add_param_group({"params": [c]})
+    assert opt._noise_base[a] == 0 and opt._noise_base[b] == 8 and opt._noise_base[c] == 16

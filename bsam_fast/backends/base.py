@@ -94,9 +94,11 @@ class Backend:
                        damping: float, skip_if: Optional[Tensor] = None) -> Callable[[], None]:
         """The update in two halves: compute now, write when the returned commit is
         called. The optimizer prepares every bucket before it commits any, so that an
-        error (out of memory, say) leaves every bucket as it was. Backends that compute
-        and write in one kernel (fused) return the kernel call: the optimizer checks their
-        inputs before the first commit."""
+        error (out of memory, say) leaves every bucket as it was; the price is one set of
+        new values (gm, w, s) per bucket held until the commits. Backends that compute and
+        write in one kernel (fused) return the kernel call: the optimizer checks their
+        inputs before the first commit, but a kernel that failed anyway after an earlier
+        bucket's ran would leave that bucket updated."""
         raise NotImplementedError
 
     def restore(self, b: Bucket) -> None:

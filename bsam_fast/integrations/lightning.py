@@ -54,6 +54,10 @@ def bsam_manual_step(module: "pl.LightningModule", loss_fn: Callable[[], Tensor]
     gradient's norm. Returns the loss at the perturbed point, detached."""
     opt = optimizer if optimizer is not None else module.optimizers()
     scaler = _scaler(module.trainer)
+    if scaler is not None and clip_val is not None:
+        raise ValueError("bsam_manual_step: clip_val with a GradScaler (precision='16-mixed') is not "
+                         "supported: Lightning unscales in optimizer.step(), after the clip would "
+                         "have to happen; use precision='bf16-mixed' or '32' to clip")
     opt.sample_noise()
     try:
         module.manual_backward(loss_fn())
