@@ -34,7 +34,7 @@ def check_hyperparameters(group: dict, read_tensors: bool = True) -> None:
     """ValueError naming the first invalid (or missing) hyperparameter of a param group.
 
     read_tensors=False leaves the values of tensor lr/rho unread (no host synchronisation:
-    the per-step check of a capturable optimizer)."""
+    the per-step check)."""
     missing = [k for k in HYPERPARAMETERS if k not in group]
     if missing:
         raise ValueError(f"param group lacks the BSAM hyperparameters {missing}")

@@ -202,9 +202,9 @@ class BSAM(TensorState, StepGradients, UpdatePhase, PosteriorMethods, Optimizer)
             self._bank_perturbed_gradients()
         else:
             # Hyperparameters written into param_groups since (schedulers, users) are checked
-            # here, before the step changes anything (tensors unread when capturable).
+            # here, before the step changes anything (tensor values unread: no host sync).
             for group in self.param_groups:
-                check_hyperparameters(group, read_tensors=not self._capturable)
+                check_hyperparameters(group, read_tensors=False)
             self._drop_stale_gradients()
             self._state.begin()
             # Frozen parameters (requires_grad=False) are not part of the posterior: no
