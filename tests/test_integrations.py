@@ -163,15 +163,15 @@ def _hf_args(tmp_path, **kw):
     return TrainingArguments(**base)
 
 
-@pytest.mark.parametrize("bf16", [False, True])
-def test_hugging_face_trainer(tmp_path, bf16):
+@pytest.mark.parametrize("bf16,clip", [(False, 0.0), (True, 0.0), (False, 0.5)])
+def test_hugging_face_trainer(tmp_path, bf16, clip):
     pytest.importorskip("transformers")
     from bsam_fast.integrations.huggingface import BSAMTrainer
     model = HFModel()
     before = [p.detach().clone() for p in model.parameters()]
     opt = BSAM(model.parameters(), lr=0.01, num_data=32, backend="reference", seed=5)
-    trainer = BSAMTrainer(model=model, args=_hf_args(tmp_path, bf16=bf16), train_dataset=HFData(),
-                          optimizers=(opt, None))
+    trainer = BSAMTrainer(model=model, args=_hf_args(tmp_path, bf16=bf16, max_grad_norm=clip),
+                          train_dataset=HFData(), optimizers=(opt, None))
     trainer.train()
     steps = trainer.state.global_step
     assert steps == 8 and opt.noise_offset == steps and opt.skipped_steps == 0 and not opt.in_step
