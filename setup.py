@@ -49,6 +49,24 @@ def _pip_cuda_headers_missing_from(cuda_home, torch):
     return include
 
 
+def _nvcc_supports_large_kernel_arguments(cuda_home) -> bool:
+    """The kernels take their tensor lists as one ~23 KB argument, which needs CUDA >= 12.1
+    (the limit was 4 KB before). With an older nvcc, build the CPU kernels only."""
+    import re
+    import subprocess
+    try:
+        out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"], capture_output=True,
+                             text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return True                      # let the build itself say what is wrong
+    found = re.search(r"release (\d+)\.(\d+)", out)
+    if found and (int(found.group(1)), int(found.group(2))) < (12, 1):
+        print(f"bsam-fast: nvcc {found.group(1)}.{found.group(2)} is older than 12.1 (kernel arguments "
+              "over 4 KB); building the CPU kernels only", file=sys.stderr)
+        return False
+    return True
+
+
 def _extensions():
     if os.environ.get("BSAM_NO_EXTENSION") == "1":
         print("bsam-fast: BSAM_NO_EXTENSION=1, building no kernels", file=sys.stderr)
@@ -72,7 +90,8 @@ def _extensions():
     extra = {"cxx": cxx_flags}
     want_cuda = (os.environ.get("BSAM_NO_CUDA") != "1" and torch.version.cuda is not None
                  and cpp_extension.CUDA_HOME is not None
-                 and all(os.path.exists(os.path.join(HERE, s)) for s in CUDA_SOURCES))
+                 and all(os.path.exists(os.path.join(HERE, s)) for s in CUDA_SOURCES)
+                 and _nvcc_supports_large_kernel_arguments(cpp_extension.CUDA_HOME))
     if want_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         sources += CUDA_SOURCES
