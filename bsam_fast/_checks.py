@@ -139,11 +139,11 @@ def check_state_dict(state_dict: dict, params: list[Tensor]) -> None:
     if len(saved_ids) != len(params):
         raise ValueError(f"state_dict has {len(saved_ids)} parameters, this optimizer {len(params)}")
     for k, g in enumerate(groups):
-        lacking = [h for h in HYPERPARAMETERS if h not in g]
-        if lacking:
-            raise ValueError(f"state_dict param_groups[{k}] lacks the BSAM hyperparameters "
-                             f"{lacking} (a checkpoint of another optimizer?)")
-        check_hyperparameters(g)
+        try:
+            check_hyperparameters(g)
+        except ValueError as exc:
+            raise ValueError(f"state_dict param_groups[{k}]: {exc} (a checkpoint of another "
+                             "optimizer?)") from None
     noise = state_dict["noise"]
     if not isinstance(noise, dict) or not {"seed", "offset"} <= set(noise):
         raise ValueError("state_dict['noise'] must be a dict with 'seed' and 'offset'")

@@ -39,10 +39,7 @@ class StepGradients:
         """Run a part's closure at the perturbed point and add its gradient to the sum
         perturb() handed back, whatever the closure zeroes first (opt.zero_grad(),
         model.zero_grad(), a trainer's)."""
-        held = [[p.grad for p in params] for params in self._state.active]
-        for params in self._state.active:
-            for p in params:
-                p.grad = None
+        held = self._take_active_gradients()
         with torch.enable_grad():
             loss = closure()
         with torch.no_grad():
@@ -56,10 +53,15 @@ class StepGradients:
         """Part k > 1 begins: take the perturbed-gradient sum out of ``.grad``, so that the
         coming noisy backward() gives g_k alone; perturb() hands it back afterwards."""
         self._check_perturbed_gradients()
-        self._state.banked = [[p.grad for p in params] for params in self._state.active]
+        self._state.banked = self._take_active_gradients()
+
+    def _take_active_gradients(self) -> list[list[Tensor]]:
+        """The .grad of the step's active parameters (per group), leaving them None."""
+        taken = [[p.grad for p in params] for params in self._state.active]
         for params in self._state.active:
             for p in params:
                 p.grad = None
+        return taken
 
     def _check_perturbed_gradients(self) -> dict[int, Tensor]:
         """{id(p): gradient as the backends take it} of the active parameters; on a missing

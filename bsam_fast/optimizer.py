@@ -25,13 +25,7 @@ from .posterior import PosteriorMethods
 from .step_state import IDLE, NOISY, PERTURBED, StepState
 from .gradients import StepGradients
 from .tensor_state import TensorState
-from .update import UpdatePhase, _inverse
-
-
-def _scalar(value):
-    """A one-element tensor hyperparameter as a 0-dim view (the backends broadcast it over
-    0-dim and larger parameters alike); a float as it is."""
-    return value.reshape(()) if isinstance(value, Tensor) else value
+from .update import UpdatePhase, _inverse, _scalar
 
 
 def split_batch(*tensors: Tensor, m: int) -> list[tuple[Tensor, ...]]:
@@ -247,7 +241,6 @@ class BSAM(TensorState, StepGradients, UpdatePhase, PosteriorMethods, Optimizer)
                 self.cancel_step()
                 raise RuntimeError("perturb(grad_scaler=...): the scaler has not scaled a "
                                    "loss yet (call scaler.scale(loss).backward() first)")
-            self._state.used_scaler = True
             inv_scale = _inverse(scale)
             # Kept for step(): the perturbed gradients carry the same scale, also when the
             # step is finished by opt.step() rather than scaler.step(opt).

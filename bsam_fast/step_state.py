@@ -43,11 +43,14 @@ class StepState:
         self.parts = 0                                  # parts perturbed so far
         self.active: list[list[Tensor]] = []            # per group: params with a gradient
         self.found: dict[str, dict[torch.device, Tensor]] = {"noisy": {}, "perturbed": {}}
-        self.used_scaler = False
         self.scaler = None                              # the GradScaler given to perturb()
         self.scaler_inv_scale: Optional[Tensor] = None  # its 1/scale then
         self.banked: list[list[Optional[Tensor]]] = []  # perturbed-gradient sums between parts
         self.sampled: list[list[Tensor]] = []           # per group: params in the posterior
+
+    @property
+    def used_scaler(self) -> bool:
+        return self.scaler is not None
 
     @property
     def in_step(self) -> bool:

@@ -29,6 +29,12 @@ def _grad_factor(inv_scale: Tensor, m: int, b: Bucket) -> Tensor:
     return inv_scale.to(device=b.device, dtype=torch.float64).div(m).to(b.means[0].dtype)
 
 
+def _scalar(value):
+    """A one-element tensor hyperparameter (lr, rho) as a 0-dim view (the backends broadcast
+    it over 0-dim and larger parameters alike); a float as it is."""
+    return value.reshape(()) if isinstance(value, Tensor) else value
+
+
 def _unscaled_by(scaler, optimizer) -> bool:
     """True if `scaler` (the GradScaler perturb() saw) has unscaled the optimizer's
     gradients since its last update() (``scaler.unscale_(opt)``, e.g. to clip)."""
@@ -140,9 +146,8 @@ class UpdatePhase:
             beta1, beta2 = group["betas"]
             for b in self._buckets(group, params):
                 factor = 1.0 / m if inv_scale is None else _grad_factor(inv_scale, m, b)
-                lr = group["lr"].reshape(()) if isinstance(group["lr"], Tensor) else group["lr"]
                 commits.append(self._backend.prepare_update(
-                    b, [grads[id(p)] for p in b.params], factor, u_factor, lr, beta1, beta2,
+                    b, [grads[id(p)] for p in b.params], factor, u_factor, _scalar(group["lr"]), beta1, beta2,
                     group["weight_decay"], group["damping"],
                     skip_if=None if skip_flag is None else skip_flag(b.device)))
         for group, sampled, params in zip(self.param_groups, self._state.sampled, self._state.active):
