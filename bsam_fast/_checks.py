@@ -9,6 +9,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from .sharded import is_sharded, local, unsupported_reason
+
 
 HYPERPARAMETERS = ("lr", "num_data", "rho", "betas", "weight_decay", "damping", "s_init")
 
@@ -57,11 +59,12 @@ def check_hyperparameters(group: dict, read_tensors: bool = True) -> None:
 
 
 def check_parameter(p: Tensor) -> None:
-    if type(p).__name__ == "DTensor" or type(getattr(p, "data", None)).__name__ == "DTensor":
-        raise ValueError("BSAM does not support sharded DTensor parameters (FSDP2 "
-                         "fully_shard, tensor parallelism): bSAM keeps per-element state and "
-                         "noise indexed over whole tensors. Use DistributedDataParallel with "
-                         "BSAM(..., process_group=...) instead (see README).")
+    if is_sharded(p):
+        reason = unsupported_reason(p)
+        if reason is not None:
+            raise ValueError(f"BSAM cannot take {reason}. Use FSDP2 (fully_shard) or "
+                             "DistributedDataParallel with BSAM(..., process_group=...) (see README).")
+        p = local(p)
     if p.is_complex():
         raise ValueError("BSAM does not support complex parameters (got dtype "
                          f"{p.dtype}); use torch.view_as_real to optimise the real parts")
@@ -92,6 +95,10 @@ def check_noise(noise: Sequence[Tensor], params: list[Tensor]) -> list[Tensor]:
     if len(noise) != len(params):
         raise ValueError(f"noise: expected {len(params)} tensors (one per parameter), got {len(noise)}")
     for i, (xi, p) in enumerate(zip(noise, params)):
+        if is_sharded(p):                 # the rows of this rank's shard
+            p = local(p)
+            xi = local(xi) if is_sharded(xi) else xi
+            noise[i] = xi
         if not isinstance(xi, Tensor) or xi.shape != p.shape:
             raise ValueError(f"noise[{i}]: expected a tensor of shape {tuple(p.shape)}, "
                              f"got {getattr(xi, 'shape', type(xi).__name__)}")
@@ -118,6 +125,12 @@ def check_gradients(params: list[Tensor]) -> list[Tensor]:
                                f"{p.grad.dtype} does not match its parameter "
                                f"{tuple(p.shape)} / {p.dtype}")
         g = p.grad
+        if is_sharded(p):                 # this rank's rows of both
+            if not is_sharded(g) or tuple(g.placements) != tuple(p.placements):
+                raise RuntimeError("the gradient of an FSDP2 parameter must be a DTensor laid out "
+                                   f"like it ({tuple(p.placements)}), got "
+                                   f"{tuple(g.placements) if is_sharded(g) else 'a plain tensor'}")
+            g, p = local(g), local(p)
         if g.dtype != p.dtype or not g.is_contiguous():
             if not g.is_floating_point():
                 raise RuntimeError(f"gradient of dtype {g.dtype} for a {p.dtype} parameter")
@@ -130,7 +143,8 @@ def check_gradients(params: list[Tensor]) -> list[Tensor]:
 
 def check_state_dict(state_dict: dict, params: list[Tensor]) -> None:
     """Everything a BSAM state_dict must hold for these parameters, checked before any of it
-    is loaded (a refused load changes nothing): ValueError naming the first problem."""
+    is loaded (a refused load changes nothing): ValueError naming the first problem. State
+    tensors of FSDP2 parameters are given as local shards (``sharded.local_like``)."""
     missing = [k for k in ("state", "param_groups", "noise") if k not in state_dict]
     if missing:
         raise ValueError(f"not a BSAM state_dict: missing {missing}")
@@ -165,9 +179,9 @@ def check_state_dict(state_dict: dict, params: list[Tensor]) -> None:
             raise ValueError(f"state of parameter {i} lacks {lacking}")
         for name in sorted(names):
             t = st[name]
-            if not isinstance(t, Tensor) or not t.is_floating_point() or t.shape != p.shape:
+            if not isinstance(t, Tensor) or not t.is_floating_point() or t.shape != local(p).shape:
                 raise ValueError(f"state of parameter {i}: {name} must be a floating tensor of shape "
-                                 f"{tuple(p.shape)} like its parameter, got "
+                                 f"{tuple(local(p).shape)} like its parameter, got "
                                  f"{getattr(t, 'shape', type(t).__name__)}")
             if not bool(torch.isfinite(t).all()):
                 raise ValueError(f"state of parameter {i}: {name} holds inf or NaN")

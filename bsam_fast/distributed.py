@@ -37,13 +37,19 @@ def join_process_group(process_group, seed: int, params: Sequence[Tensor]) -> tu
                          "(call torch.distributed.init_process_group first)")
     group = dist.group.WORLD if process_group is True else process_group
     device = params[0].device if params else torch.device("cpu")
+    return group, dist.get_rank(group), dist.get_world_size(group), broadcast_seed(group, seed, device)
+
+
+def broadcast_seed(group, seed: int, device: torch.device) -> int:
+    """Rank 0's 64-bit seed, on every rank of the group."""
+    import torch.distributed as dist
     if dist.get_backend(group) == "nccl" and device.type != "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
     shared = torch.tensor([seed - (1 << 64) if seed >= (1 << 63) else seed], dtype=torch.int64,
                           device=device)
     dist.broadcast(shared, src=dist.get_global_rank(group, 0), group=group)
     value = int(shared.item())
-    return group, dist.get_rank(group), dist.get_world_size(group), value + (1 << 64) if value < 0 else value
+    return value + (1 << 64) if value < 0 else value
 
 
 def all_reduce_u_and_flags(group, u_sums: Sequence[Tensor], flags: Sequence[Tensor]) -> None:

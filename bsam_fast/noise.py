@@ -165,22 +165,26 @@ def normal_blocks(seed: int, offset: int, blocks: torch.Tensor) -> torch.Tensor:
 
 def normal_like(tensors: Sequence[torch.Tensor], bases: Sequence[int], seed: int,
                 offset: int, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
-    """The stream's standard normals for each tensor (shape of the tensor, given dtype).
+    """The stream's standard normals for each tensor (shape of the tensor, given dtype):
+    element j of tensor i is the stream's number at index ``bases[i] + j``.
 
     All tensors are drawn in one vectorised Philox evaluation on the first tensor's device.
     """
     if not tensors:
         return []
     device = tensors[0].device
-    nblocks = [(t.numel() + 3) // 4 for t in tensors]
-    blocks = torch.cat([torch.arange(b // 4, b // 4 + n, dtype=torch.int64, device=device)
-                        for b, n in zip(bases, nblocks)])
+    # A base need not be a multiple of 4 here (the shard of an FSDP2 parameter starts
+    # where its rows do): the tensor then starts in lane base % 4 of its first block.
+    spans = [(b // 4, (b + t.numel() + 3) // 4) for b, t in zip(bases, tensors)]
+    blocks = torch.cat([torch.arange(first, end, dtype=torch.int64, device=device)
+                        for first, end in spans])
     flat = normal_blocks(int(seed), int(offset), blocks).reshape(-1)
     out, start = [], 0
-    for t, n in zip(tensors, nblocks):
-        out.append(flat[start:start + t.numel()].view(t.shape)
+    for t, b, (first, end) in zip(tensors, bases, spans):
+        lane = b % 4
+        out.append(flat[start + lane:start + lane + t.numel()].view(t.shape)
                    .to(dtype or t.dtype, copy=True))
-        start += 4 * n
+        start += 4 * (end - first)
     return out
 
 

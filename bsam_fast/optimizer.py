@@ -15,13 +15,14 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import distributed
+from . import distributed, sharded
 from ._checks import (check_gradients, check_hyperparameters, check_noise, check_parameter,
                       check_state_dict, check_unique)
 from .backends import make_backend
 from .backends.base import opmath_dtype
 from .noise import noise_bases, seed_from_default_generator, stream_seed
 from .posterior import PosteriorMethods
+from .sharded import local
 from .step_state import IDLE, NOISY, PERTURBED, StepState
 from .gradients import StepGradients
 from .tensor_state import TensorState
@@ -45,6 +46,38 @@ def split_batch(*tensors: Tensor, m: int) -> list[tuple[Tensor, ...]]:
     if size % m:
         raise ValueError(f"Invalid m: a batch of {size} is not divisible into m={m} parts")
     return list(zip(*(t.chunk(m) for t in tensors)))
+
+
+STREAM_KEY = "bsam_stream"
+
+
+def _normalised(state_dict: dict, params: list[Tensor]) -> dict:
+    """A state_dict as ``load_state_dict`` reads it: the stream's position at the top level
+    (also when only the copy in the first param group came through), no copy left in the
+    groups, and the state of FSDP2 parameters as this rank's local shards."""
+    groups = state_dict.get("param_groups")
+    if not isinstance(groups, list) or not isinstance(state_dict.get("state"), dict):
+        return state_dict                                  # check_state_dict names it
+    out = dict(state_dict)
+    stream = next((g[STREAM_KEY] for g in groups if isinstance(g, dict) and STREAM_KEY in g), None)
+    if stream is not None:
+        out.setdefault("noise", {"seed": stream.get("seed"), "offset": stream.get("offset")})
+        out.setdefault("skipped_steps", stream.get("skipped_steps", 0))
+    out["param_groups"] = [{k: v for k, v in g.items() if k != STREAM_KEY} if isinstance(g, dict) else g
+                           for g in groups]
+    saved_ids = [i for g in out["param_groups"] if isinstance(g, dict) for i in g.get("params", [])]
+    if any(sharded.is_sharded(p) for p in params) or any(
+            sharded.is_sharded(v) for st in state_dict["state"].values() if isinstance(st, dict)
+            for v in st.values()):
+        out["state"] = {i: ({k: sharded.local_like(v, p) if isinstance(v, Tensor) else v
+                             for k, v in state_dict["state"][i].items()}
+                            if isinstance(state_dict["state"].get(i), dict) else state_dict["state"].get(i))
+                        for i, p in zip(saved_ids, params) if i in state_dict["state"]}
+    return out
+
+
+def _shard_start(p: Tensor) -> int:
+    return sharded.shard_start(p) if sharded.is_sharded(p) else 0
 
 
 class BSAM(TensorState, StepGradients, UpdatePhase, PosteriorMethods, Optimizer):
@@ -88,15 +121,26 @@ class BSAM(TensorState, StepGradients, UpdatePhase, PosteriorMethods, Optimizer)
                         weight_decay=weight_decay, damping=damping, s_init=s_init)
         check_hyperparameters(defaults)
         self._noise_base: dict[Tensor, int] = {}
+        self._unstepped: set[Tensor] = set()      # state made, no step or load yet
         super().__init__(params, defaults)
         all_params = self._params()
         self._backend_request = backend
-        self._backend = make_backend(backend, all_params)
+        self._backend = make_backend(backend, [local(p) for p in all_params])
         if seed is None:
             seed = seed_from_default_generator()
         if not isinstance(seed, int) or not 0 <= seed < 2 ** 64:
             raise ValueError(f"Invalid seed: {seed!r} (must be an int in [0, 2**64))")
         self._group, self._rank, self._world_size = None, 0, 1
+        # FSDP2: the sharded parameters' mesh, over which the inf/NaN flags are shared;
+        # every rank draws rank 0's stream (see sharded.py).
+        self._shard_group = sharded.mesh_group(all_params)
+        if self._shard_group is not None:
+            if process_group is not None:
+                raise ValueError("process_group is for DistributedDataParallel (per-rank noise); "
+                                 "FSDP2-sharded parameters bring their own mesh: leave it out")
+            if capturable:
+                raise ValueError("capturable=True is not supported with FSDP2-sharded parameters")
+            seed = distributed.broadcast_seed(self._shard_group, seed, local(all_params[0]).device)
         if process_group is not None:
             self._group, self._rank, self._world_size, seed = distributed.join_process_group(
                 process_group, seed, all_params)
@@ -124,20 +168,26 @@ class BSAM(TensorState, StepGradients, UpdatePhase, PosteriorMethods, Optimizer)
             check_unique(group["params"])
             for p in group["params"]:
                 check_parameter(p)
-                reason = self._backend.supports(p) if hasattr(self, "_backend") else None
+                reason = self._backend.supports(local(p)) if hasattr(self, "_backend") else None
                 if reason is not None:
                     raise ValueError(f"backend {self.backend!r} cannot handle a parameter: {reason}")
         except Exception:
             self.param_groups.pop()
             raise
         # The stream continues after the groups before (computed from the shared dict, so
-        # that a wrapper's copy of this optimizer's __dict__ cannot hold a stale end).
-        end = max((base + (p.numel() + 3) // 4 * 4 for p, base in self._noise_base.items()), default=0)
+        # that a wrapper's copy of this optimizer's __dict__ cannot hold a stale end). It
+        # is laid out over whole tensors (an FSDP2 parameter's numel is the full tensor's);
+        # a shard's base is where its first element lies.
+        end = max((base - _shard_start(p) + (p.numel() + 3) // 4 * 4
+                   for p, base in self._noise_base.items()), default=0)
         for p, base in zip(group["params"], noise_bases([p.numel() for p in group["params"]])):
-            self._noise_base[p] = end + base
+            self._noise_base[p] = end + base + _shard_start(p)
         if getattr(self, "_capturable", False):
             for p in group["params"]:
                 self._state.offset_tensor(p.device)
+        for p in group["params"]:
+            if p.requires_grad:
+                self._init_state(group, p)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -204,9 +254,13 @@ class BSAM(TensorState, StepGradients, UpdatePhase, PosteriorMethods, Optimizer)
             # Frozen parameters (requires_grad=False) are not part of the posterior: no
             # noise, no state, left as they are.
             self._state.sampled = [[p for p in g["params"] if p.requires_grad] for g in self.param_groups]
+            for p in [p for p in self._unstepped if not p.requires_grad]:
+                self.state.pop(p, None)               # frozen since it joined, never stepped
+                self._unstepped.discard(p)
             for group, params in zip(self.param_groups, self._state.sampled):
                 for p in params:
                     self._init_state(group, p)
+                    self._unstepped.discard(p)
         offset = self._state.offset
         index = 0
         for group, params in zip(self.param_groups, self._state.sampled):
@@ -264,7 +318,7 @@ class BSAM(TensorState, StepGradients, UpdatePhase, PosteriorMethods, Optimizer)
                 self._backend.restore(b)
             for b in self._buckets(group, params):
                 scale = None if inv_scale is None else inv_scale.to(b.device)
-                self._backend.perturb(b, [grads[id(p)] for p in b.params], _scalar(group["rho"]), scale,
+                self._backend.perturb(b, [grads[key] for key in b.keys], _scalar(group["rho"]), scale,
                                       first_part, self._state.found_flag("noisy", b.device))
         # The noisy gradient is consumed. The perturbed backward() then accumulates h_k
         # into .grad: onto nothing for part 1, onto h_1 + ... + h_(k-1) for part k, so that
@@ -382,6 +436,11 @@ class BSAM(TensorState, StepGradients, UpdatePhase, PosteriorMethods, Optimizer)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
+        """torch.optim's, plus the noise stream's position and the skipped steps: at the top
+        level (``"noise"``, ``"skipped_steps"``) and, for checkpoint tools that keep only
+        ``state`` and ``param_groups`` (``torch.distributed.checkpoint.state_dict``), in
+        the first param group (``"bsam_stream"``). The state of an FSDP2 parameter is a
+        DTensor laid out like it (sharing the optimizer's storage)."""
         if self._state.phase != IDLE:
             raise RuntimeError("state_dict() inside an unfinished bSAM step (after "
                                "sample_noise(), before step())")
@@ -390,14 +449,23 @@ class BSAM(TensorState, StepGradients, UpdatePhase, PosteriorMethods, Optimizer)
     @staticmethod
     def _add_noise_and_skips(optimizer: "BSAM", state_dict: dict) -> dict:
         """The first state_dict post-hook (so that users' hooks see the whole state)."""
-        state_dict["noise"] = {"seed": optimizer._state.seed, "offset": optimizer.noise_offset}
+        stream = {"seed": optimizer._state.seed, "offset": optimizer.noise_offset}
+        state_dict["noise"] = dict(stream)
         state_dict["skipped_steps"] = optimizer.skipped_steps
+        if state_dict["param_groups"]:
+            state_dict["param_groups"][0][STREAM_KEY] = dict(stream, skipped_steps=optimizer.skipped_steps)
+        for i, p in enumerate(optimizer._params()):
+            if sharded.is_sharded(p) and i in state_dict["state"]:      # a new dict: the
+                state_dict["state"][i] = {k: sharded.as_dtensor_like(v, p)  # optimizer's stays
+                                          if isinstance(v, Tensor) else v
+                                          for k, v in state_dict["state"][i].items()}
         return state_dict
 
     def load_state_dict(self, state_dict: dict) -> None:
         if self._state.phase != IDLE:
             raise RuntimeError("load_state_dict() inside an unfinished bSAM step")
         params = self._params()
+        state_dict = _normalised(state_dict, params)
         check_state_dict(state_dict, params)   # before anything is loaded
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         # torch.optim casts floating state to the parameter dtype, which would round the
@@ -411,8 +479,12 @@ class BSAM(TensorState, StepGradients, UpdatePhase, PosteriorMethods, Optimizer)
                 dtype = opmath_dtype(p.dtype)
                 self.state[p] = {k: (v.to(device=p.device, dtype=dtype, copy=True)
                                      if isinstance(v, Tensor) else v) for k, v in st.items()}
+                self._unstepped.discard(p)
         for g in self.param_groups:
             g["betas"] = tuple(g["betas"])
+            for p in g["params"]:
+                if p.requires_grad and p not in self.state:     # none saved: as if new
+                    self._init_state(g, p)
         self._state.set_noise(int(state_dict["noise"]["seed"]), int(state_dict["noise"]["offset"]))
         self._state.set_skipped(int(state_dict.get("skipped_steps", 0)))
         self._state.begin()

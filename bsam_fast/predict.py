@@ -26,7 +26,21 @@ def eval_mode(model: nn.Module):
 @torch.no_grad()
 def _probs(model: nn.Module, x: Tensor, batch_size: int) -> Tensor:
     out = [model(x[i:i + batch_size]).float().softmax(-1) for i in range(0, len(x), batch_size)]
+    _reshard(model)
     return torch.cat(out)
+
+
+def _reshard(model: nn.Module) -> None:
+    """FSDP2 keeps the root module's parameters gathered after a forward pass (the backward
+    pass would need them): reshard, so that the next forward gathers the shards again,
+    which the next posterior sample (or the mean) has been written into."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 @torch.no_grad()

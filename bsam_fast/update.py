@@ -77,6 +77,10 @@ class UpdatePhase:
             devices = dict.fromkeys([u.device for u in u_sums] + list(self._state.found["noisy"]))
             distributed.all_reduce_u_and_flags(self._group, u_sums,
                                                [self._state.found_flag("noisy", d) for d in devices])
+        elif self._shard_group is not None:
+            # FSDP2: each rank checked its own rows; all skip if any found inf/NaN.
+            distributed.all_reduce_u_and_flags(self._shard_group, [], [
+                f for kind in ("noisy", "perturbed") for f in self._state.found[kind].values()])
         scaler_found = getattr(self, "found_inf", None)
         grad_scale = getattr(self, "grad_scale", None)
         if self._backend.device_side and (self._capturable or self._state.used_scaler
@@ -147,7 +151,7 @@ class UpdatePhase:
             for b in self._buckets(group, params):
                 factor = 1.0 / m if inv_scale is None else _grad_factor(inv_scale, m, b)
                 commits.append(self._backend.prepare_update(
-                    b, [grads[id(p)] for p in b.params], factor, u_factor, _scalar(group["lr"]), beta1, beta2,
+                    b, [grads[key] for key in b.keys], factor, u_factor, _scalar(group["lr"]), beta1, beta2,
                     group["weight_decay"], group["damping"],
                     skip_if=None if skip_flag is None else skip_flag(b.device)))
         for group, sampled, params in zip(self.param_groups, self._state.sampled, self._state.active):

@@ -1,6 +1,6 @@
 """bSAM with DistributedDataParallel on scikit-learn's digits.
 
-    torchrun --nproc_per_node=2 examples/ddp_train.py [--epochs 20] [--m 2]
+    torchrun --nproc_per_node=2 examples/ddp_train.py [--epochs 20] [--parts 2]
 
 gloo on CPU, NCCL when every rank has a GPU. Each rank draws its own noise and perturbs
 its own shard (m local parts); perturbed gradients are averaged by DDP, u by BSAM.step.
@@ -24,7 +24,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--batch", type=int, default=64, help="global batch size")
-    ap.add_argument("--m", type=int, default=2, help="local parts per rank")
+    ap.add_argument("--parts", dest="m", type=int, default=2, help="local parts per rank")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 

@@ -97,22 +97,6 @@ def worker_checkpoint(rank, world, port, out_dir):
     teardown()
 
 
-def worker_fsdp2_refused(rank, world, port, out_dir):
-    setup(rank, world, port)
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
-    mesh = init_device_mesh("cpu", (world,))
-    weight = torch.nn.Parameter(distribute_tensor(torch.randn(8, 4), mesh, [Shard(0)]))
-    message = ""
-    try:
-        BSAM([weight], lr=0.1, num_data=10)
-    except ValueError as exc:
-        message = str(exc)
-    with open(os.path.join(out_dir, f"fsdp{rank}.txt"), "w") as f:
-        f.write(message)
-    teardown()
-
-
 def worker_one_rank_raises(rank, world, port, out_dir):
     setup(rank, world, port)
     if rank == 1:

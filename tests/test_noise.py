@@ -110,3 +110,15 @@ def test_optimizer_draws_from_its_stream_and_counts():
         np.testing.assert_allclose(p.detach().numpy(), normals(SEED, offset, 0, 10), rtol=1e-6)
         opt.cancel_step()
     assert opt.noise_offset == 3
+
+
+@pytest.mark.parametrize("start", [1, 2, 3, 5, 81])
+def test_a_tensor_may_start_mid_block(start):
+    """An FSDP2 shard starts where its rows do: its draws are the full tensor's, sliced."""
+    full = normal_like([torch.empty(120)], [8], SEED, 3)[0]
+    part = normal_like([torch.empty(2, 13)], [8 + start], SEED, 3)[0]
+    assert torch.equal(part.reshape(-1), full[start:start + 26])
+    if _ops.has_kernel("cpu"):
+        from bsam_fast.backends.fused import _normals_from
+        got = _normals_from([8 + start, 8], [torch.empty(2, 13), torch.empty(5)], SEED, 3)
+        assert torch.equal(got[0], part) and torch.equal(got[1], full[:5])

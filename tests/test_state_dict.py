@@ -101,3 +101,42 @@ def test_resume_in_a_new_process(backend, tmp_path):
     model, opt = make(backend)
     train(model, opt, 10)
     assert_identical(torch.load(path + ".final"), snapshot(model, opt))
+
+
+def test_state_is_made_when_the_parameters_join(backend):
+    """So that checkpoint loaders (torch.distributed.checkpoint) find tensors to load into;
+    until the first step it follows the parameters (a model loaded after the optimizer)."""
+    model = make_model(dtype=torch.bfloat16)
+    opt = BSAM(model.parameters(), lr=0.05, num_data=100, backend=backend, seed=1)
+    assert all({"momentum", "precision", "mean"} <= opt.state[p].keys() for p in model.parameters())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)                              # e.g. model.load_state_dict(...)
+    opt.param_groups[0]["s_init"] = 2.0
+    reference = make_model(dtype=torch.bfloat16)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(1.0)
+    ref_opt = BSAM(reference.parameters(), lr=0.05, num_data=100, backend=backend, seed=1, s_init=2.0)
+    train(model, opt, 2, dtype=torch.bfloat16)
+    train(reference, ref_opt, 2, dtype=torch.bfloat16)
+    assert_identical(snapshot(model, opt), snapshot(reference, ref_opt))
+
+
+def test_stream_position_survives_tools_that_keep_only_state_and_groups(backend):
+    """torch.distributed.checkpoint.state_dict keeps only 'state' and 'param_groups'."""
+    import copy
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    model, opt = make(backend)
+    train(model, opt, 3)
+    saved = copy.deepcopy(get_optimizer_state_dict(model, opt))
+    assert set(saved) == {"state", "param_groups"}
+    weights = copy.deepcopy(model.state_dict())
+    train(model, opt, 2, seed=7)
+
+    model2, opt2 = make(backend)
+    model2.load_state_dict(weights)
+    set_optimizer_state_dict(model2, opt2, saved)
+    assert opt2.noise_offset == 3 and "bsam_stream" not in opt2.param_groups[0]
+    train(model2, opt2, 2, seed=7)
+    assert_identical(snapshot(model2, opt2), snapshot(model, opt))

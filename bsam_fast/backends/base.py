@@ -46,6 +46,8 @@ class Bucket:
     u_sums: list[Tensor]       # sum_k sqrt(s)*|g_k|, scratch
     bases: list[int]           # start of each tensor in the noise stream
     master_mean: bool          # True: means persist across steps (bf16/fp16 params)
+    keys: list[int]            # id() of the optimizer's parameter of each (the DTensor for
+                               # a shard): how the optimizer finds its gradient
 
     @property
     def device(self) -> torch.device:

@@ -43,9 +43,13 @@ class FusedBackend(Backend):
     def sample(self, b: Bucket, num_data: float, seed: int, offset: int,
                noise: Optional[Sequence[Tensor]], load_mean: bool,
                offset_tensor: Optional[Tensor] = None) -> None:
+        bases = b.bases
+        if noise is None and any(base % 4 for base in bases):
+            noise = _normals_from(bases, b.params, seed, offset)
+            bases = [base - base % 4 for base in bases]      # unread: the noise is given
         if noise is not None:
             noise = [x.to(b.means[0].dtype).contiguous() for x in noise]
-        _ops.sample_(b.params, b.means, b.precisions, b.bases, num_data, seed, offset,
+        _ops.sample_(b.params, b.means, b.precisions, bases, num_data, seed, offset,
                      load_mean, noise, offset_tensor)
 
     def perturb(self, b: Bucket, grads: list[Tensor], rho: float,
@@ -62,6 +66,16 @@ class FusedBackend(Backend):
         return lambda: _ops.update_(b.params, b.means, b.momenta, b.precisions, grads, b.u_sums,
                                     grad_factor, u_factor, lr, beta1, beta2, weight_decay, damping,
                                     b.master_mean, skip_if)
+
+
+def _normals_from(bases: list[int], like: list[Tensor], seed: int, offset: int) -> list[Tensor]:
+    """The stream's normals at indices base + j for tensors shaped like `like`, for bases
+    that need not be multiples of 4 (FSDP2 shards that start mid-row-block): the kernels
+    draw whole Philox blocks, so draw from the block before and drop the lanes ahead."""
+    lanes = [base % 4 for base in bases]
+    padded = _ops.normal([torch.empty(lane + t.numel(), device=t.device) for lane, t in zip(lanes, like)],
+                         [base - lane for base, lane in zip(bases, lanes)], seed, offset)
+    return [x[lane:].view(t.shape) for x, lane, t in zip(padded, lanes, like)]
 
 
 class CpuBackend(FusedBackend):

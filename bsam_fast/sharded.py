@@ -1,0 +1,105 @@
+"""bSAM under FSDP2 (``torch.distributed.fsdp.fully_shard``): parameters that are DTensors
+sharded along dim 0, each rank holding a block of rows of every parameter.
+
+The semantics (see the README's distributed section): the forward pass all-gathers the
+full parameters, so every rank evaluates the *same* noisy and perturbed points, and the
+gradients FSDP2 reduce-scatters are the global-batch means. A step therefore equals the
+single-process step on the global batch with the same noise, which requires the noise of
+an element to be keyed by its index in the full (unsharded) tensor: a shard's noise base
+is the full tensor's base plus the shard's first element. That offset need not be a
+multiple of 4 (rows of odd length); such shards are drawn in their own buckets (see
+``TensorState._buckets``). Every rank uses the same stream (rank 0's seed); only the
+inf/NaN flags are shared (one all-reduce per step); u needs no reduction, as the
+gradients are global already.
+
+The optimizer works on the local shards (``local``) and keys its state by the DTensor
+parameter; its ``state_dict()`` hands the state out as DTensors laid out like their
+parameters, so that ``torch.distributed.checkpoint`` saves it sharded and can load it
+onto another number of ranks; ``load_state_dict`` takes DTensors (of any placement) or
+local shards.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+
+def is_sharded(t) -> bool:
+    """True for a DTensor (FSDP2 parameters, their gradients and state)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:                       # torch built without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+def local(t: Tensor) -> Tensor:
+    """The local shard of a DTensor (sharing its storage: in-place writes reach the
+    DTensor), a plain tensor as it is."""
+    return t._local_tensor if is_sharded(t) else t
+
+
+def unsupported_reason(p: Tensor) -> Optional[str]:
+    """None for a parameter sharded the way FSDP2's ``fully_shard`` shards it (Shard(0) on
+    a one-dimensional mesh), else why BSAM cannot take it."""
+    from torch.distributed.tensor import Shard
+    if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
+        return (f"a DTensor parameter with placements {tuple(p.placements)} on a "
+                f"{p.device_mesh.ndim}-D mesh: BSAM takes FSDP2's fully_shard parameters "
+                "(Shard(0) on a 1-D mesh); tensor parallelism and HSDP are not supported, "
+                "as noise and state are indexed by a parameter's rows")
+    return None
+
+
+def shard_start(p: Tensor) -> int:
+    """Index, in the full tensor (row-major), of the local shard's first element."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    local_shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    if tuple(local_shape) != tuple(local(p).shape):
+        raise ValueError(f"a DTensor parameter of shape {tuple(p.shape)} holds a local shard of "
+                         f"shape {tuple(local(p).shape)}, not the {tuple(local_shape)} of its "
+                         "placements")
+    return int(offset[0]) * math.prod(p.shape[1:]) if len(p.shape) else 0
+
+
+def mesh_group(params: Sequence[Tensor]):
+    """The process group of the sharded parameters' mesh (None if none is sharded); one
+    mesh for all of them, else ValueError."""
+    meshes = []                  # fully_shard makes a mesh per call: equal ones are one
+    for p in params:
+        if is_sharded(p) and not any(p.device_mesh == mesh for mesh in meshes):
+            meshes.append(p.device_mesh)
+    if not meshes:
+        return None
+    if len(meshes) > 1:
+        raise ValueError("BSAM's parameters are sharded over more than one device mesh; "
+                         "fully_shard them all over one mesh (one noise stream per step)")
+    return meshes[0].get_group()
+
+
+def as_dtensor_like(t: Tensor, p: Tensor) -> Tensor:
+    """A local state tensor of parameter p as a DTensor laid out like p (shared storage)."""
+    from torch.distributed.tensor import DTensor
+    return DTensor.from_local(t, p.device_mesh, p.placements, run_check=False,
+                              shape=p.shape, stride=p.stride())
+
+
+def local_like(t: Tensor, p: Tensor) -> Tensor:
+    """A saved state tensor for parameter p as p's local shard: a DTensor is laid out like
+    p first (a checkpoint of another sharding), a plain tensor of p's full shape is cut to
+    p's rows, one of p's local shape is taken as it is."""
+    if is_sharded(t):
+        if tuple(t.placements) != tuple(p.placements) or t.device_mesh != p.device_mesh:
+            t = t.redistribute(p.device_mesh, p.placements)
+        return local(t)
+    if is_sharded(p) and tuple(t.shape) == tuple(p.shape) != tuple(local(p).shape):
+        start = shard_start(p)
+        return t.reshape(-1)[start:start + local(p).numel()].view(local(p).shape)
+    return t
+
+
+__all__ = ["is_sharded", "local", "unsupported_reason", "shard_start", "mesh_group",
+           "as_dtensor_like", "local_like"]
