@@ -116,4 +116,5 @@ def _extensions():
 
 ext_modules, cmdclass = _extensions()
 setup(packages=find_packages(include=["bsam_fast", "bsam_fast.*"]),
+      package_data={"bsam_fast.experiments": ["*.json"]},     # the demo's tuned hyperparameters
       ext_modules=ext_modules, cmdclass=cmdclass)

@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .sharded import is_sharded, local, unsupported_reason
+from .sharded import is_sharded, local, local_like, unsupported_reason
 
 
 HYPERPARAMETERS = ("lr", "num_data", "rho", "betas", "weight_decay", "damping", "s_init")
@@ -96,9 +96,9 @@ def check_noise(noise: Sequence[Tensor], params: list[Tensor]) -> list[Tensor]:
         raise ValueError(f"noise: expected {len(params)} tensors (one per parameter), got {len(noise)}")
     for i, (xi, p) in enumerate(zip(noise, params)):
         if is_sharded(p):                 # the rows of this rank's shard
+            if isinstance(xi, Tensor):
+                xi = noise[i] = local_like(xi, p)
             p = local(p)
-            xi = local(xi) if is_sharded(xi) else xi
-            noise[i] = xi
         if not isinstance(xi, Tensor) or xi.shape != p.shape:
             raise ValueError(f"noise[{i}]: expected a tensor of shape {tuple(p.shape)}, "
                              f"got {getattr(xi, 'shape', type(xi).__name__)}")
@@ -147,7 +147,9 @@ def check_state_dict(state_dict: dict, params: list[Tensor]) -> None:
     tensors of FSDP2 parameters are given as local shards (``sharded.local_like``)."""
     missing = [k for k in ("state", "param_groups", "noise") if k not in state_dict]
     if missing:
-        raise ValueError(f"not a BSAM state_dict: missing {missing}")
+        raise ValueError(f"not a BSAM state_dict: missing {missing} (torch.distributed.checkpoint's "
+                         "flatten_optimizer_state_dict=True drops the noise position: use the default)"
+                         if missing == ["noise"] else f"not a BSAM state_dict: missing {missing}")
     groups = state_dict["param_groups"]
     saved_ids = [i for g in groups for i in g["params"]]
     if len(saved_ids) != len(params):

@@ -63,9 +63,21 @@ def all_reduce_u_and_flags(group, u_sums: Sequence[Tensor], flags: Sequence[Tens
         groups[(t.device, t.dtype)].append(t)
     for tensors in groups.values():        # one per device, unless fp64 meets fp32
         flat = _flatten_dense_tensors(tensors)
+        if dist.get_backend(group) == "nccl" and flat.device.type != "cuda":   # CPU-offloaded state
+            flat = flat.cuda()
         dist.all_reduce(flat, group=group)
         for t, reduced in zip(tensors, _unflatten_dense_tensors(flat, tensors)):
             t.copy_(reduced)
+
+
+def all_agree(group, ok: bool, device: torch.device) -> bool:
+    """True on every rank if `ok` is True on every rank of the group."""
+    import torch.distributed as dist
+    if dist.get_backend(group) == "nccl" and device.type != "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    flag = torch.tensor([0.0 if ok else 1.0], device=device)
+    dist.all_reduce(flag, group=group)
+    return flag.item() == 0.0
 
 
 def ddp_step(model, optimizer: "BSAM", loss_fn: Callable[[int], Tensor], m: int = 1,

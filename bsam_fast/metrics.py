@@ -104,8 +104,14 @@ def ood_auroc(probs_in: Tensor, probs_out: Tensor) -> float:
 
 
 def all_metrics(probs: Tensor, y: Tensor) -> dict:
+    """Accuracy, NLL, ECE, misclassification AUROC (NaN when every prediction is right, or
+    every one wrong: the AUROC is then undefined) and Brier score."""
+    try:
+        auc = misclassification_auroc(probs, y)
+    except ValueError:
+        auc = float("nan")
     return {"accuracy": accuracy(probs, y), "nll": nll(probs, y), "ece": ece(probs, y),
-            "auroc": misclassification_auroc(probs, y), "brier": brier(probs, y)}
+            "auroc": auc, "brier": brier(probs, y)}
 
 
 def reliability_diagram(probs_by_name: dict, y: Tensor, path: str, bins: int = ECE_BINS) -> None:

@@ -49,6 +49,7 @@ def split_batch(*tensors: Tensor, m: int) -> list[tuple[Tensor, ...]]:
 
 
 STREAM_KEY = "bsam_stream"
+UNSTEPPED_KEY = "unstepped"
 
 
 def _normalised(state_dict: dict, params: list[Tensor]) -> dict:
@@ -141,6 +142,7 @@ class BSAM(TensorState, StepGradients, UpdatePhase, PosteriorMethods, Optimizer)
             if capturable:
                 raise ValueError("capturable=True is not supported with FSDP2-sharded parameters")
             seed = distributed.broadcast_seed(self._shard_group, seed, local(all_params[0]).device)
+        self._fsdp_modules = sharded.owning_modules(all_params) if self._shard_group is not None else []
         if process_group is not None:
             self._group, self._rank, self._world_size, seed = distributed.join_process_group(
                 process_group, seed, all_params)
@@ -171,6 +173,10 @@ class BSAM(TensorState, StepGradients, UpdatePhase, PosteriorMethods, Optimizer)
                 reason = self._backend.supports(local(p)) if hasattr(self, "_backend") else None
                 if reason is not None:
                     raise ValueError(f"backend {self.backend!r} cannot handle a parameter: {reason}")
+            if hasattr(self, "_shard_group") and sharded.mesh_group(self._params()) is not self._shard_group:
+                raise ValueError("FSDP2-sharded parameters join a BSAM at construction (its mesh, seed "
+                                 "and shared flags are set up there), all on one mesh")
+            starts = [_shard_start(p) for p in group["params"]]
         except Exception:
             self.param_groups.pop()
             raise
@@ -180,8 +186,8 @@ class BSAM(TensorState, StepGradients, UpdatePhase, PosteriorMethods, Optimizer)
         # a shard's base is where its first element lies.
         end = max((base - _shard_start(p) + (p.numel() + 3) // 4 * 4
                    for p, base in self._noise_base.items()), default=0)
-        for p, base in zip(group["params"], noise_bases([p.numel() for p in group["params"]])):
-            self._noise_base[p] = end + base + _shard_start(p)
+        for p, base, start in zip(group["params"], noise_bases([p.numel() for p in group["params"]]), starts):
+            self._noise_base[p] = end + base + start
         if getattr(self, "_capturable", False):
             for p in group["params"]:
                 self._state.offset_tensor(p.device)
@@ -197,8 +203,15 @@ class BSAM(TensorState, StepGradients, UpdatePhase, PosteriorMethods, Optimizer)
 
     @property
     def rank(self) -> int:
-        """This process's rank in the optimizer's process group (0 when not distributed)."""
+        """This process's rank in the optimizer's process group, or in the FSDP2 mesh's (0
+        when not distributed)."""
+        if self._shard_group is not None:
+            import torch.distributed as dist
+            return dist.get_rank(self._shard_group)
         return self._rank
+
+    def _reshard_fsdp_modules(self) -> None:
+        sharded.reshard(self._fsdp_modules)
 
     @property
     def noise_seed(self) -> int:
@@ -241,6 +254,7 @@ class BSAM(TensorState, StepGradients, UpdatePhase, PosteriorMethods, Optimizer)
                                "backward() at the noisy point")
         if noise is not None:
             noise = check_noise(noise, self._params())
+        self._reshard_fsdp_modules()         # FSDP2: the next forward gathers the noisy shards
         first_part = self._state.phase == IDLE
         if not first_part:
             self._bank_perturbed_gradients()
@@ -254,9 +268,7 @@ class BSAM(TensorState, StepGradients, UpdatePhase, PosteriorMethods, Optimizer)
             # Frozen parameters (requires_grad=False) are not part of the posterior: no
             # noise, no state, left as they are.
             self._state.sampled = [[p for p in g["params"] if p.requires_grad] for g in self.param_groups]
-            for p in [p for p in self._unstepped if not p.requires_grad]:
-                self.state.pop(p, None)               # frozen since it joined, never stepped
-                self._unstepped.discard(p)
+            self._refresh_unstepped()
             for group, params in zip(self.param_groups, self._state.sampled):
                 for p in params:
                     self._init_state(group, p)
@@ -265,10 +277,10 @@ class BSAM(TensorState, StepGradients, UpdatePhase, PosteriorMethods, Optimizer)
         index = 0
         for group, params in zip(self.param_groups, self._state.sampled):
             everyone = group["params"]
-            group_noise = None if noise is None else dict(zip(everyone, noise[index:index + len(everyone)]))
+            group_noise = None if noise is None else dict(zip(map(id, everyone), noise[index:index + len(everyone)]))
             index += len(everyone)
             for b in self._buckets(group, params):
-                xi = None if group_noise is None else [group_noise[p] for p in b.params]
+                xi = None if group_noise is None else [group_noise[key] for key in b.keys]
                 counter = self._state.offset_tensor(b.device) if self._capturable else None
                 self._backend.sample(b, group["num_data"], self._noise_key, offset, xi,
                                      load_mean=first_part and not b.master_mean,
@@ -310,6 +322,7 @@ class BSAM(TensorState, StepGradients, UpdatePhase, PosteriorMethods, Optimizer)
         except Exception:
             self.cancel_step()
             raise
+        self._reshard_fsdp_modules()         # FSDP2: the next forward gathers the perturbed shards
         first_part = self._state.parts == 0
         self._state.active = active
         for group, sampled, params in zip(self.param_groups, self._state.sampled, active):
@@ -444,6 +457,7 @@ class BSAM(TensorState, StepGradients, UpdatePhase, PosteriorMethods, Optimizer)
         if self._state.phase != IDLE:
             raise RuntimeError("state_dict() inside an unfinished bSAM step (after "
                                "sample_noise(), before step())")
+        self._refresh_unstepped()
         return super().state_dict()
 
     @staticmethod
@@ -455,18 +469,30 @@ class BSAM(TensorState, StepGradients, UpdatePhase, PosteriorMethods, Optimizer)
         if state_dict["param_groups"]:
             state_dict["param_groups"][0][STREAM_KEY] = dict(stream, skipped_steps=optimizer.skipped_steps)
         for i, p in enumerate(optimizer._params()):
-            if sharded.is_sharded(p) and i in state_dict["state"]:      # a new dict: the
-                state_dict["state"][i] = {k: sharded.as_dtensor_like(v, p)  # optimizer's stays
-                                          if isinstance(v, Tensor) else v
-                                          for k, v in state_dict["state"][i].items()}
+            if i not in state_dict["state"]:
+                continue
+            st = {k: sharded.as_dtensor_like(v, p) if sharded.is_sharded(p) and isinstance(v, Tensor) else v
+                  for k, v in state_dict["state"][i].items()}     # a new dict: the optimizer's stays
+            st[UNSTEPPED_KEY] = p in optimizer._unstepped   # the initial state: re-read at its first step
+            state_dict["state"][i] = st
         return state_dict
 
     def load_state_dict(self, state_dict: dict) -> None:
         if self._state.phase != IDLE:
             raise RuntimeError("load_state_dict() inside an unfinished bSAM step")
         params = self._params()
-        state_dict = _normalised(state_dict, params)
-        check_state_dict(state_dict, params)   # before anything is loaded
+        refused = None
+        try:
+            state_dict = _normalised(state_dict, params)
+            check_state_dict(state_dict, params)   # before anything is loaded
+        except ValueError as exc:
+            refused = exc
+        if self._shard_group is not None:       # each rank checked its shards: all load, or none
+            if not distributed.all_agree(self._shard_group, refused is None, local(params[0]).device):
+                raise refused or ValueError("another rank refused its shard of this state_dict; "
+                                            "nothing was loaded")
+        if refused is not None:
+            raise refused
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         # torch.optim casts floating state to the parameter dtype, which would round the
         # fp32 state of bf16/fp16 parameters; load it ourselves after the groups.
@@ -475,11 +501,14 @@ class BSAM(TensorState, StepGradients, UpdatePhase, PosteriorMethods, Optimizer)
         for i, p in zip(saved_ids, params):
             st = originals[i]
             self.state.pop(p, None)
+            self._unstepped.discard(p)
+            unstepped = st.pop(UNSTEPPED_KEY, False)
             if st:
                 dtype = opmath_dtype(p.dtype)
                 self.state[p] = {k: (v.to(device=p.device, dtype=dtype, copy=True)
                                      if isinstance(v, Tensor) else v) for k, v in st.items()}
-                self._unstepped.discard(p)
+                if unstepped:
+                    self._unstepped.add(p)
         for g in self.param_groups:
             g["betas"] = tuple(g["betas"])
             for p in g["params"]:

@@ -24,6 +24,7 @@ class PosteriorMethods:
                 for p, std in zip(self._params(), self._local_posterior_std())]
 
     def _local_posterior_std(self) -> list[Tensor]:
+        self._refresh_unstepped()                 # s_init may have changed since
         out = []
         for group in self.param_groups:
             for p in group["params"]:
@@ -54,6 +55,7 @@ class PosteriorMethods:
                              "seeded alike on every rank (every rank must draw the same sample)")
         shards = [sharded.local(p) for p in params]
         saved = [shard.detach().clone() for shard in shards]
+        self._reshard_fsdp_modules()          # the next forward gathers the sample
         try:
             with torch.no_grad():
                 for p, shard, std in zip(params, shards, self._local_posterior_std()):
@@ -70,6 +72,7 @@ class PosteriorMethods:
             with torch.no_grad():
                 for shard, w in zip(shards, saved):
                     shard.copy_(w)
+            self._reshard_fsdp_modules()      # ... and the one after, the mean
 
     def _mean_of(self, p: Tensor) -> Tensor:
         state = self.state.get(p, {})

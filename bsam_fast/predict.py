@@ -25,15 +25,16 @@ def eval_mode(model: nn.Module):
 
 @torch.no_grad()
 def _probs(model: nn.Module, x: Tensor, batch_size: int) -> Tensor:
+    _reshard(model)
     out = [model(x[i:i + batch_size]).float().softmax(-1) for i in range(0, len(x), batch_size)]
     _reshard(model)
     return torch.cat(out)
 
 
 def _reshard(model: nn.Module) -> None:
-    """FSDP2 keeps the root module's parameters gathered after a forward pass (the backward
-    pass would need them): reshard, so that the next forward gathers the shards again,
-    which the next posterior sample (or the mean) has been written into."""
+    """FSDP2 keeps the root module's parameters gathered after a forward pass without
+    backward: reshard before and after, so that every forward here gathers the shards as
+    they are (the sample or the mean written into them)."""
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:

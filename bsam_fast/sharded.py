@@ -15,8 +15,8 @@ gradients are global already.
 The optimizer works on the local shards (``local``) and keys its state by the DTensor
 parameter; its ``state_dict()`` hands the state out as DTensors laid out like their
 parameters, so that ``torch.distributed.checkpoint`` saves it sharded and can load it
-onto another number of ranks; ``load_state_dict`` takes DTensors (of any placement) or
-local shards.
+onto another number of ranks; ``load_state_dict`` takes DTensors (of any placement on
+the parameters' mesh), full tensors or local shards.
 """
 from __future__ import annotations
 
@@ -80,6 +80,35 @@ def mesh_group(params: Sequence[Tensor]):
     return meshes[0].get_group()
 
 
+def owning_modules(params: Sequence[Tensor]) -> list:
+    """The FSDP2 modules (``fully_shard``-ed) that manage any of these parameters, found in
+    torch's registry of composable states (private; an empty list if it moved)."""
+    try:
+        from torch.distributed._composable_state import _module_state_mapping
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return []
+    ours = {id(p) for p in params}
+    found = []
+    for module, state_ref in list(_module_state_mapping.items()):
+        state = state_ref() if callable(state_ref) else state_ref
+        if not isinstance(module, FSDPModule) or state is None:
+            continue
+        groups = getattr(state, "_fsdp_param_groups", None) or []
+        if any(id(fp.sharded_param) in ours for g in groups for fp in g.fsdp_params):
+            found.append(module)
+    return found
+
+
+def reshard(modules) -> None:
+    """Reshard FSDP2 modules (a no-op for those resharded already). FSDP2 keeps the root
+    module's parameters gathered after a forward pass without backward (an evaluation),
+    and its next forward then reuses them: BSAM calls this before it writes the shards
+    (noise, samples) so that the next forward gathers what it wrote."""
+    for module in modules:
+        module.reshard()
+
+
 def as_dtensor_like(t: Tensor, p: Tensor) -> Tensor:
     """A local state tensor of parameter p as a DTensor laid out like p (shared storage)."""
     from torch.distributed.tensor import DTensor
@@ -92,8 +121,10 @@ def local_like(t: Tensor, p: Tensor) -> Tensor:
     p first (a checkpoint of another sharding), a plain tensor of p's full shape is cut to
     p's rows, one of p's local shape is taken as it is."""
     if is_sharded(t):
-        if tuple(t.placements) != tuple(p.placements) or t.device_mesh != p.device_mesh:
-            t = t.redistribute(p.device_mesh, p.placements)
+        if not is_sharded(p):                   # a sharded checkpoint, an unsharded optimizer
+            return t.full_tensor()
+        if tuple(t.placements) != tuple(p.placements):
+            t = t.redistribute(t.device_mesh, p.placements)
         return local(t)
     if is_sharded(p) and tuple(t.shape) == tuple(p.shape) != tuple(local(p).shape):
         start = shard_start(p)
@@ -102,4 +133,4 @@ def local_like(t: Tensor, p: Tensor) -> Tensor:
 
 
 __all__ = ["is_sharded", "local", "unsupported_reason", "shard_start", "mesh_group",
-           "as_dtensor_like", "local_like"]
+           "owning_modules", "reshard", "as_dtensor_like", "local_like"]

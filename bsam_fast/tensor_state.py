@@ -27,25 +27,42 @@ class TensorState:
     def _init_state(self, group: dict, p: Tensor) -> dict:
         """The state of p, made when p joins the optimizer (so that a checkpoint loader
         such as torch.distributed.checkpoint finds tensors to load into before the first
-        step). Until p's first step (or a load) it is re-read at the step's start: the
-        parameter or s_init may change in between (a model checkpoint loaded after the
-        optimizer was made)."""
+        step). Until p's first step (or the load of a stepped state) it is made again
+        whenever it is read (the step's start, state_dict()): the parameter may have been
+        loaded, moved or converted, or s_init changed, since the optimizer was made."""
         state = self.state[p]
         shard = local(p)
+        dtype = opmath_dtype(p.dtype)
+        if "precision" in state and p in self._unstepped:
+            s = state["precision"]
+            if s.dtype == dtype and s.device == shard.device and s.shape == shard.shape:
+                state["momentum"].zero_()             # in place: a loader may hold them
+                s.fill_(group["s_init"])
+                if dtype != p.dtype:
+                    state.setdefault("mean", torch.empty_like(s)).copy_(shard)
+                else:
+                    state.pop("mean", None)
+                return state
+            state.clear()
         if "precision" not in state:
-            dtype = opmath_dtype(p.dtype)
             state["momentum"] = torch.zeros_like(shard, dtype=dtype, memory_format=torch.preserve_format)
             state["precision"] = torch.full_like(shard, group["s_init"], dtype=dtype,
                                                  memory_format=torch.preserve_format)
             if dtype != p.dtype:
                 state["mean"] = shard.detach().to(dtype, copy=True)
             self._unstepped.add(p)
-        elif p in self._unstepped:
-            state["momentum"].zero_()
-            state["precision"].fill_(group["s_init"])
-            if "mean" in state:
-                state["mean"].copy_(shard)
         return state
+
+    def _refresh_unstepped(self) -> None:
+        """Re-read the state of every parameter not stepped yet (see _init_state)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p in self._unstepped:
+                    if p.requires_grad:
+                        self._init_state(group, p)
+                    else:                     # frozen since it joined: no state
+                        self.state.pop(p, None)
+                        self._unstepped.discard(p)
 
     def memory_footprint(self) -> dict[str, int]:
         """Bytes of tensors this optimizer holds on this process: ``state`` (momentum,

@@ -53,6 +53,8 @@ def train(net, opt, first, steps, world, m):
         x, y = global_batch(t)
         rows = rank_rows(rank, world)
         parts = split_batch(x[rows], y[rows], m=m)
+        with torch.no_grad():       # an evaluation: FSDP2 then keeps the root's parameters
+            net(x[rows])            # gathered, and BSAM must reshard before it writes
         if m == 1:          # the phase API, keeping the full noisy point of each step
             opt.zero_grad()
             opt.sample_noise()
@@ -91,13 +93,23 @@ def worker_train(rank, world, port, out_dir, backend, m):
     setup(rank, world, port)
     net, opt = make(backend, seed=77 if rank == 0 else 1000 + rank)   # rank 0's seed wins
     noisy = train(net, opt, 0, 3, world, m)
+    offset = opt.noise_offset
     stds = [s.full_tensor() for s in opt.posterior_std()]
     x, _ = global_batch(99)
     bma = predict_bma(net, opt, x, samples=4, generator=torch.Generator().manual_seed(5))
     with opt.sampled_params(generator=torch.Generator().manual_seed(6)):
         sample = full(net)
+        with torch.no_grad():
+            at_sample = net(x)
+    with torch.no_grad():
+        after = net(x)              # the mean again, not the sample gathered before
+    given = [torch.randn(p.shape, generator=torch.Generator().manual_seed(i), dtype=DTYPE)
+             for i, p in enumerate(net.parameters())]           # full-shape noise, cut to rows
+    opt.sample_noise(given)
+    noisy_given = full(net)
+    opt.cancel_step()
     out = {"state": full_state(net, opt), "noisy": noisy, "stds": stds, "bma": bma,
-           "sample": sample, "seed": opt.noise_seed, "offset": opt.noise_offset,
+           "sample": sample, "at_sample": at_sample, "after": after, "noisy_given": noisy_given, "seed": opt.noise_seed, "offset": offset,
            "bytes": opt.memory_footprint(), "backend": opt.backend}
     torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     teardown()

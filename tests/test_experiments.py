@@ -4,25 +4,76 @@ import json
 import pytest
 
 from bsam_fast import demo, experiments
-from bsam_fast.experiments.training import METHODS
+from bsam_fast.experiments.training import ABLATIONS, METHODS
 
 
-def test_table_on_digits(tmp_path):
-    results = experiments.main(["table", "--dataset", "digits", "--model", "mlp", "--epochs", "1", "--batch", "64",
-                                "--train-subset", "256", "--samples", "2", "--out", str(tmp_path), "--no-progress"])
-    assert set(results) == set(METHODS)
+def test_tune_then_table_on_digits(tmp_path):
+    """The tuner (quick grids) and the table from its selections, every method and the
+    ablation, two seeds: the smoke test of the whole protocol."""
+    tuned = experiments.main(["tune", "--dataset", "digits", "--model", "mlp", "--epochs", "1", "--batch", "32",
+                              "--train-subset", "320", "--samples", "2", "--quick", "--out", str(tmp_path),
+                              "--no-progress"])
+    everyone = set(METHODS + ABLATIONS)
+    assert set(tuned["selected"]) == everyone == set(tuned["selected_by_nll"])
+    assert tuned["protocol"]["train_examples"] == 288 and tuned["protocol"]["val_examples"] == 32
+    for method in everyone:
+        trials = tuned["trials"][method]
+        assert len(trials) == 2 and tuned["selected"][method] in trials
+        best = max(t["val"]["accuracy"] for t in trials)
+        assert tuned["selected"][method]["val"]["accuracy"] == best
+    results = experiments.main(["table", "--dataset", "digits", "--model", "mlp", "--epochs", "1", "--batch", "32",
+                                "--train-subset", "320", "--samples", "2", "--seeds", "0", "1",
+                                "--sample-counts", "1", "2", "--tuned", str(tmp_path / "tuned.json"),
+                                "--out", str(tmp_path), "--no-progress"])
+    assert set(results) == everyone
+    for method, r in results.items():
+        assert r["hparams"] == tuned["selected"][method]["hparams"]
+        assert len(r["pred"]["accuracy"]["runs"]) == 2 and r["ms_per_step"]["mean"] > 0
+    assert set(results["bsam"]["samples"]) == {"1", "2"}
     table = (tmp_path / "table.md").read_text()
-    assert table.count("\n| ") == 7          # header + 4 baselines + bSAM twice
-    assert "bSAM (S=2)" in table and "bSAM at mean" in table
-    saved = json.loads((tmp_path / "results.json").read_text())["results"]
-    assert 0.0 <= saved["bsam"]["bma"]["accuracy"] <= 1.0 and saved["bsam"]["ms_per_step"] > 0
+    for label in ("| bSAM |", "| bSAM at mean |", "| IVON |", "| SWAG |", "| Laplace (at SGD) |",
+                  "| bSAM without noise |", " ± "):
+        assert label in table
     assert (tmp_path / "reliability.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_grids_are_the_same_size_for_every_method():
+    from bsam_fast.experiments.tuning import GRID_SIZE, grid
+    for method in METHODS + ABLATIONS:
+        g = grid(method)
+        assert len(g) == GRID_SIZE and len({tuple(sorted(c.items())) for c in g}) == GRID_SIZE
+        if method in ("sam_sgd", "sam_adam", "bsam", "bsam_nonoise"):
+            assert {c["m"] for c in g} == {1, 8}
+
+
+def test_bsam_without_noise_takes_both_gradients_at_the_mean():
+    """The ablation is bSAM with xi = 0: equal to the optimizer given zero noise."""
+    import torch
+    from bsam_fast import BSAM
+    from bsam_fast.experiments.training import Config, make_optimizer, _one_step
+    from bsam_fast.experiments.models import make_model
+    x, y = torch.randn(8, 64), torch.randint(0, 10, (8,))
+    models = []
+    for method in ("bsam_nonoise", "bsam"):
+        torch.manual_seed(0)
+        model = make_model("mlp", in_features=64)
+        opt = make_optimizer(Config(method=method), model, 100)
+        if method == "bsam":          # the same, with explicit zero noise
+            opt.sample_noise([torch.zeros_like(p) for p in model.parameters()])
+            opt.cancel_step()
+            zero = [torch.zeros_like(p) for p in model.parameters()]
+            opt.step(lambda: (opt.zero_grad(), torch.nn.functional.cross_entropy(model(x), y).backward()), noise=zero)
+        else:
+            _one_step(Config(method=method), model, opt, [(x, y)])
+        models.append(model)
+    for a, b in zip(*(m.parameters() for m in models)):
+        assert torch.equal(a, b)
 
 
 def test_per_method_hyperparameters(tmp_path):
     results = experiments.main(["table", "--dataset", "digits", "--epochs", "1", "--train-subset", "128",
                                 "--methods", "bsam", "--set", "bsam.lr=0.2", "bsam.rho=0.02", "--samples", "1",
-                                "--out", str(tmp_path), "--no-progress"])
+                                "--seeds", "0", "--out", str(tmp_path), "--no-progress"])
     assert results["bsam"]["hparams"]["lr"] == 0.2 and results["bsam"]["hparams"]["rho"] == 0.02
 
 
@@ -43,8 +94,23 @@ def test_missing_cifar_names_the_folder(tmp_path):
         experiments.main(["table", "--dataset", "cifar10", "--data-root", str(tmp_path), "--out", str(tmp_path)])
 
 
-def test_demo_prints_the_table(tmp_path, capsys):
-    rows = demo.main(["--epochs", "1", "--samples", "2", "--out", str(tmp_path)])
-    out = capsys.readouterr().out
-    assert "SAM-Adam" in out and "bSAM" in out and "ECE" in out
-    assert len(rows) == 4 and (tmp_path / "reliability.png").exists()
+def test_demo_prints_the_table_and_one_line(tmp_path, capsys):
+    out = demo.main(["--epochs", "1", "--samples", "2", "--seeds", "0", "1", "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert "SAM-Adam" in printed and "bSAM" in printed and "ECE" in printed and " ± " in printed
+    assert "In one line: bSAM's posterior predictive vs Adam:" in printed
+    assert len(out["runs"]) == 4 and (tmp_path / "reliability.png").exists()
+    assert set(out["verdicts"]) == {"Adam", "SAM-Adam"}
+    assert all(v in ("better", "equal", "worse") for vs in out["verdicts"].values() for v in vs.values())
+
+
+def test_demo_reads_the_tuned_hyperparameters():
+    tuned = json.loads(open(demo.TUNED).read())
+    assert {"adam", "sam_adam", "bsam"} <= set(tuned["selected"])
+    assert tuned["protocol"]["dataset"] == "digits" and tuned["protocol"]["grid_size"] == 16
+
+
+def test_compare_calls_differences_within_the_spread_equal():
+    ours = {"accuracy": [0.9, 0.92], "nll": [0.2, 0.2], "ece": [0.01, 0.05], "auroc": [0.9, 0.9]}
+    theirs = {"accuracy": [0.8, 0.81], "nll": [0.3, 0.3], "ece": [0.02, 0.03], "auroc": [0.95, 0.95]}
+    assert demo.compare(ours, theirs) == {"accuracy": "better", "nll": "better", "ece": "equal", "auroc": "worse"}

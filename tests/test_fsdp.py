@@ -93,7 +93,7 @@ def test_every_rank_uses_rank0s_stream_and_draws_the_same_noise(case):
                 assert torch.equal(r["noisy"][0][name], value), name
 
 
-def test_posterior_of_the_sharded_model(case):
+def test_posterior_and_given_noise_on_the_sharded_model(case):
     net, opt = case["net"], case["opt"]
     for r in case["ranks"]:
         for got, want in zip(r["stds"], opt.posterior_std()):
@@ -102,10 +102,22 @@ def test_posterior_of_the_sharded_model(case):
     bma = predict_bma(net, opt, x, samples=4, generator=torch.Generator().manual_seed(5))
     with opt.sampled_params(generator=torch.Generator().manual_seed(6)):
         sample = {n: p.detach().clone() for n, p in net.named_parameters()}
+        with torch.no_grad():
+            at_sample = net(x)
+    with torch.no_grad():
+        after = net(x)
+    given = [torch.randn(p.shape, generator=torch.Generator().manual_seed(i), dtype=W.DTYPE)
+             for i, p in enumerate(net.parameters())]
+    opt.sample_noise(given)
+    noisy_given = {n: p.detach().clone() for n, p in net.named_parameters()}
+    opt.cancel_step()
     for r in case["ranks"]:
         torch.testing.assert_close(r["bma"], bma, **TOL)
+        torch.testing.assert_close(r["at_sample"], at_sample, **TOL)
+        torch.testing.assert_close(r["after"], after, **TOL)
         for name, value in sample.items():
             torch.testing.assert_close(r["sample"][name], value, **TOL, msg=name)
+            torch.testing.assert_close(r["noisy_given"][name], noisy_given[name], **TOL, msg=name)
 
 
 def test_each_rank_holds_its_share_of_the_state(case):

@@ -65,3 +65,35 @@ def test_reliability_diagram_png(tmp_path):
     path = tmp_path / "r.png"
     metrics.reliability_diagram({"a": P, "b": P.flip(1)}, Y, str(path))
     assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def _random_predictions(seed, n=2000, classes=10):
+    g = torch.Generator().manual_seed(seed)
+    probs = torch.softmax(3 * torch.randn(n, classes, generator=g, dtype=torch.float64), 1)
+    y = torch.where(torch.rand(n, generator=g) < 0.7, probs.argmax(1), torch.randint(0, classes, (n,), generator=g))
+    return probs, y
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_metrics_agree_with_torchmetrics(seed):
+    """torchmetrics (a maintained implementation) as the reference. ECE: torchmetrics bins a
+    confidence c into bucketize(c, interior edges, right=True): a confidence exactly on an
+    edge k/20 goes to the bin below, ours (floor(20c)) to the bin above; the random
+    confidences here never sit on an edge, so the two agree to rounding."""
+    tm = pytest.importorskip("torchmetrics.functional.classification")
+    probs, y = _random_predictions(seed)
+    classes = probs.shape[1]
+    assert metrics.accuracy(probs, y) == pytest.approx(
+        tm.multiclass_accuracy(probs, y, num_classes=classes, average="micro").item(), abs=1e-6)  # float32
+    assert metrics.ece(probs, y) == pytest.approx(
+        tm.multiclass_calibration_error(probs, y, num_classes=classes, n_bins=metrics.ECE_BINS, norm="l1").item(),
+        abs=1e-6)
+    conf, pred = probs.max(1)
+    assert metrics.misclassification_auroc(probs, y) == pytest.approx(
+        tm.binary_auroc(conf, (pred == y).long()).item(), abs=1e-6)
+    other, _ = _random_predictions(seed + 10, n=700)
+    scores = torch.cat([probs.max(1).values, other.max(1).values])
+    labels = torch.cat([torch.ones(len(probs)), torch.zeros(len(other))]).long()
+    assert metrics.ood_auroc(probs, other) == pytest.approx(tm.binary_auroc(scores, labels).item(), abs=1e-6)
+    assert metrics.nll(probs, y) == pytest.approx(
+        torch.nn.functional.nll_loss(probs.log(), y).item(), abs=1e-12)

@@ -3,6 +3,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 from bsam_fast import BSAM, available_backends
@@ -140,3 +141,36 @@ def test_stream_position_survives_tools_that_keep_only_state_and_groups(backend)
     assert opt2.noise_offset == 3 and "bsam_stream" not in opt2.param_groups[0]
     train(model2, opt2, 2, seed=7)
     assert_identical(snapshot(model2, opt2), snapshot(model, opt))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_the_model_may_be_converted_after_the_optimizer_is_made(backend, dtype):
+    """The state made when the parameters joined is made again at the first step."""
+    model = make_model()
+    opt = BSAM(model.parameters(), lr=0.05, num_data=100, backend=backend, seed=1)
+    model.to(dtype)
+    reference = make_model(dtype=dtype)
+    ref_opt = BSAM(reference.parameters(), lr=0.05, num_data=100, backend=backend, seed=1)
+    train(model, opt, 2, dtype=dtype)
+    train(reference, ref_opt, 2, dtype=dtype)
+    assert_identical(snapshot(model, opt), snapshot(reference, ref_opt))
+
+
+def test_a_state_dict_taken_before_the_first_step_stays_initial(backend):
+    """E.g. accelerate.prepare round-trips the state: weights loaded after it must count."""
+    model = make_model(dtype=torch.bfloat16)
+    opt = BSAM(model.parameters(), lr=0.05, num_data=100, backend=backend, seed=1)
+    opt.load_state_dict(opt.state_dict())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    opt.param_groups[0]["s_init"] = 4.0
+    assert all(torch.allclose(std, torch.full_like(std, (100 * 4.0) ** -0.5)) for std in opt.posterior_std())
+    reference = make_model(dtype=torch.bfloat16)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(1.0)
+    ref_opt = BSAM(reference.parameters(), lr=0.05, num_data=100, backend=backend, seed=1, s_init=4.0)
+    train(model, opt, 2, dtype=torch.bfloat16)
+    train(reference, ref_opt, 2, dtype=torch.bfloat16)
+    assert_identical(snapshot(model, opt), snapshot(reference, ref_opt))

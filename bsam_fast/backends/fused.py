@@ -46,9 +46,9 @@ class FusedBackend(Backend):
         bases = b.bases
         if noise is None and any(base % 4 for base in bases):
             noise = _normals_from(bases, b.params, seed, offset)
-            bases = [base - base % 4 for base in bases]      # unread: the noise is given
         if noise is not None:
             noise = [x.to(b.means[0].dtype).contiguous() for x in noise]
+            bases = [base - base % 4 for base in bases]      # unread: the noise is given
         _ops.sample_(b.params, b.means, b.precisions, bases, num_data, seed, offset,
                      load_mean, noise, offset_tensor)
 

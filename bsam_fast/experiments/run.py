@@ -1,16 +1,17 @@
 """The paper's experiments on offline data, one command each (results and figures go to --out):
 
-    python -m bsam_fast.experiments table --dataset mnist --model mlp --epochs 5
-    python -m bsam_fast.experiments table --dataset fashion_mnist --model lenet5 --epochs 5
+    python -m bsam_fast.experiments tune  --dataset mnist --model mlp --epochs 3 --train-subset 10000
+    python -m bsam_fast.experiments table --dataset mnist --model mlp --tuned results/mnist_mlp/tuned.json
     python -m bsam_fast.experiments toy2d        # exact posterior vs bSAM vs SAM vs Laplace
     python -m bsam_fast.experiments moons        # predictive uncertainty, SAM vs bSAM
     python -m bsam_fast.experiments rho          # sensitivity to rho, SAM-Adam vs bSAM
 
-`table` trains SGD, Adam, SAM-SGD, SAM-Adam and bSAM with the same loop (cosine schedule,
-same batches, prior precision as weight decay) and writes a markdown table of accuracy,
-NLL, ECE (20 bins), misclassification AUROC and Brier score; bSAM is reported for its
-posterior predictive (S samples) and at its mean. With in-distribution MNIST the OOD
-AUROC against Fashion-MNIST (and vice versa) is added.
+`tune` runs the same-size grid of every method on a validation split (``tuning.py``) and
+writes tuned.json; `table` trains each method with its selected hyperparameters on the
+whole training set, with several seeds, with the same loop (``training.py``), and writes a
+markdown table of mean +- std of accuracy, NLL, ECE (20 bins), misclassification AUROC,
+Brier score, OOD AUROC (MNIST vs Fashion-MNIST and back) and time per step, with bSAM's
+predictive for 1, 8, 32, 64 samples.
 """
 from __future__ import annotations
 
@@ -29,10 +30,12 @@ from . import data
 from .baselines import SAM
 from .models import make_model
 from ..optimizer import BSAM
-from .training import DEFAULTS, METHODS, Config, evaluate, train
+from .training import ABLATIONS, DEFAULTS, METHODS, Config, evaluate, predictive, train
+from .tuning import config_from, run_tune
 
 OOD_PARTNER = {"mnist": "fashion_mnist", "fashion_mnist": "mnist"}
-LABELS = {"sgd": "SGD", "adam": "Adam", "sam_sgd": "SAM-SGD", "sam_adam": "SAM-Adam", "bsam": "bSAM"}
+LABELS = {"sgd": "SGD", "adam": "Adam", "sam_sgd": "SAM-SGD", "sam_adam": "SAM-Adam", "bsam": "bSAM",
+          "ivon": "IVON", "swag": "SWAG", "laplace": "Laplace (at SGD)", "bsam_nonoise": "bSAM without noise"}
 
 
 def _pyplot():
@@ -54,48 +57,73 @@ def _json_safe(d):
     return {k: v for k, v in d.items() if k != "probs"}
 
 
-def run_table(args) -> dict:
-    os.makedirs(args.out, exist_ok=True)
+def _load_train(args):
     x_tr, y_tr = data.load(args.dataset, "train", args.data_root)
-    x_te, y_te = data.load(args.dataset, "test", args.data_root)
     if args.train_subset:
         x_tr, y_tr = x_tr[:args.train_subset], y_tr[:args.train_subset]
+    return x_tr, y_tr
+
+
+METRIC_KEYS = ("accuracy", "nll", "ece", "auroc", "brier", "ood_auroc")
+
+
+def _mean_std(values: list[float]) -> dict:
+    t = torch.tensor(values, dtype=torch.float64)
+    return {"mean": t.mean().item(), "std": t.std().item() if len(values) > 1 else 0.0, "runs": values}
+
+
+def run_table(args) -> dict:
+    """Each method with its tuned hyperparameters (``--tuned tuned.json``, else the
+    defaults), trained on the whole training set with every seed; mean +- std."""
+    os.makedirs(args.out, exist_ok=True)
+    x_tr, y_tr = _load_train(args)
+    x_te, y_te = data.load(args.dataset, "test", args.data_root)
     x_ood = None
     if args.dataset in OOD_PARTNER:
         try:
             x_ood = data.load(OOD_PARTNER[args.dataset], "test")[0]
         except data.DatasetNotFound as exc:
             print(f"(no OOD AUROC: {exc})")
-    rows, probs_for_plot, results = [], {}, {}
-    for method in args.methods:
-        cfg = Config(method=method, epochs=args.epochs, batch=args.batch, prior_precision=args.prior_precision,
-                     m=args.m, seed=args.seed, backend=args.backend, hparams=_hparams(args, method))
-        torch.manual_seed(args.seed)
-        model = _model_for(args.model, x_tr)
-        t0 = time.perf_counter()
-        opt, ms = train(model, cfg, x_tr, y_tr, progress=not args.no_progress, desc=LABELS[method])
-        res = evaluate(model, opt, x_te, y_te, samples=args.samples, seed=args.seed, x_ood=x_ood)
-        secs = time.perf_counter() - t0
-        if method == "bsam":
-            rows.append((f"bSAM (S={args.samples})", res["bma"], ms))
-            rows.append(("bSAM at mean", res["mean"], ms))
-            probs_for_plot["bSAM"] = res["bma"]["probs"]
-        else:
-            rows.append((LABELS[method], res["mean"], ms))
-            probs_for_plot[LABELS[method]] = res["mean"]["probs"]
-        results[method] = {k: _json_safe(v) for k, v in res.items()} | {"ms_per_step": ms, "seconds": secs,
-                                                                       "hparams": cfg.hp()}
-        print(f"{LABELS[method]}: done in {secs:.0f} s ({ms:.1f} ms/step)", flush=True)
-    ood = x_ood is not None
-    head = "| method | accuracy | NLL | ECE | AUROC | Brier |" + (" OOD AUROC |" if ood else "") + " ms/step |"
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for name, r, ms in rows:
-        cells = [f"{100 * r['accuracy']:.2f}", f"{r['nll']:.4f}", f"{r['ece']:.4f}", f"{r['auroc']:.4f}",
-                 f"{r['brier']:.4f}"] + ([f"{r['ood_auroc']:.4f}"] if ood else []) + [f"{ms:.1f}"]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    table = "\n".join(lines)
-    header = (f"{args.dataset} / {args.model}: {len(x_tr)} training examples, {args.epochs} epochs, batch "
-              f"{args.batch}, m={args.m}, prior precision {args.prior_precision}, seed {args.seed}")
+    tuned = None
+    if args.tuned:
+        with open(args.tuned) as f:
+            tuned = json.load(f)
+    methods = args.methods or (list(tuned["selected"]) if tuned else list(METHODS))
+    results, probs_for_plot = {}, {}
+    for method in methods:
+        if tuned is not None and method not in tuned["selected"]:
+            raise SystemExit(f"--tuned {args.tuned} has no selection for {method}")
+        choice = tuned["selected"][method]["hparams"] if tuned else \
+            {"prior_precision": args.prior_precision, "m": args.m, **_hparams(args, method)}
+        runs = {"pred": [], "mean": [], "ms_per_step": [], "samples": {}}
+        for seed in args.seeds:
+            cfg = config_from(method, {"prior_precision": args.prior_precision, **choice}, epochs=args.epochs,
+                              batch=args.batch, seed=seed, backend=args.backend, warmup_epochs=args.warmup_epochs)
+            torch.manual_seed(seed)
+            trained = train(_model_for(args.model, x_tr), cfg, x_tr, y_tr, progress=not args.no_progress,
+                            desc=f"{LABELS[method]} seed {seed}")
+            res = evaluate(trained, method, x_te, y_te, samples=args.samples, seed=seed, x_ood=x_ood)
+            runs["pred"].append(_json_safe(res["pred"]))
+            runs["mean"].append(_json_safe(res["mean"]))
+            runs["ms_per_step"].append(trained.ms_per_step)
+            if method in ("bsam", "bsam_nonoise") and args.sample_counts:
+                for s in args.sample_counts:       # the paper's Table 4: samples in the predictive
+                    probs = predictive(trained, method, x_te, samples=s, seed=seed)
+                    runs["samples"].setdefault(str(s), []).append(metrics.all_metrics(probs, y_te))
+            if seed == args.seeds[0]:
+                probs_for_plot[LABELS[method]] = res["pred"]["probs"]
+            print(f"{LABELS[method]} seed {seed}: acc {res['pred']['accuracy']:.4f} nll {res['pred']['nll']:.4f} "
+                  f"({trained.ms_per_step:.1f} ms/step)", flush=True)
+        results[method] = {"hparams": choice, "ms_per_step": _mean_std(runs["ms_per_step"]),
+                           **{kind: {k: _mean_std([r[k] for r in runs[kind]]) for k in METRIC_KEYS
+                                     if k in runs[kind][0]} for kind in ("pred", "mean")},
+                           "samples": {s: {k: _mean_std([r[k] for r in rs]) for k in rs[0]}
+                                       for s, rs in runs["samples"].items()}}
+    table = _markdown_table(results, x_ood is not None)
+    header = (f"{args.dataset} / {args.model}: {len(x_tr)} training examples, {args.epochs} epochs "
+              f"(warm-up {args.warmup_epochs}), batch {args.batch}, seeds {args.seeds}, "
+              f"{args.samples} samples in sampled predictives; hyperparameters "
+              f"{'from ' + args.tuned if tuned else 'defaults'}")
     print(header)
     print(table)
     with open(os.path.join(args.out, "table.md"), "w") as f:
@@ -104,6 +132,25 @@ def run_table(args) -> dict:
         json.dump({"args": vars(args), "results": results}, f, indent=1)
     metrics.reliability_diagram(probs_for_plot, y_te, os.path.join(args.out, "reliability.png"))
     return results
+
+
+def _markdown_table(results: dict, ood: bool) -> str:
+    keys = ["accuracy", "nll", "ece", "auroc", "brier"] + (["ood_auroc"] if ood else [])
+    names = {"accuracy": "accuracy (%)", "nll": "NLL", "ece": "ECE", "auroc": "AUROC", "brier": "Brier",
+             "ood_auroc": "OOD AUROC"}
+    head = "| method | " + " | ".join(names[k] for k in keys) + " | ms/step |"
+    lines = [head, "|" + "---|" * (len(keys) + 2)]
+
+    def cell(stat, scale=1.0):
+        return f"{scale * stat['mean']:.{2 if scale > 1 else 4}f} ± {scale * stat['std']:.{2 if scale > 1 else 4}f}"
+    for method, r in results.items():
+        rows = [(LABELS[method], r["pred"])]
+        if method in ("bsam", "bsam_nonoise", "swag", "ivon"):
+            rows.append((f"{LABELS[method]} at mean", r["mean"]))
+        for name, stats in rows:
+            cells = [cell(stats[k], 100.0 if k == "accuracy" else 1.0) for k in keys]
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {r['ms_per_step']['mean']:.1f} |")
+    return "\n".join(lines)
 
 
 def _model_for(name: str, x) -> nn.Module:
@@ -229,7 +276,6 @@ def run_moons(args):
     g1 = torch.linspace(-2.5, 3.5, 150)
     g2 = torch.linspace(-2.0, 2.5, 120)
     X = torch.stack(torch.meshgrid(g1, g2, indexing="xy"), -1).reshape(-1, 2)
-    from ..predict import predict_bma, predict_mean
     panels = {}
     for method in ("sam_adam", "bsam"):
         torch.manual_seed(args.seed)
@@ -237,11 +283,8 @@ def run_moons(args):
         hp = {"lr": 0.01} if method == "sam_adam" else {"lr": 0.05}
         cfg = Config(method=method, epochs=args.epochs, batch=40, prior_precision=args.prior_precision,
                      seed=args.seed, backend=args.backend, hparams=hp)
-        opt, _ = train(model, cfg, x, y, progress=not args.no_progress, desc=LABELS[method])
-        if method == "bsam":
-            p = predict_bma(model, opt, X, samples=64, generator=torch.Generator().manual_seed(args.seed))
-        else:
-            p = predict_mean(model, X)
+        trained = train(model, cfg, x, y, progress=not args.no_progress, desc=LABELS[method])
+        p = predictive(trained, method, X, samples=64, seed=args.seed)
         panels[LABELS[method]] = p.max(1).values
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, (name, conf) in zip(axes, panels.items()):
@@ -262,10 +305,8 @@ def run_moons(args):
 def run_rho(args):
     plt = _pyplot()
     os.makedirs(args.out, exist_ok=True)
-    x_tr, y_tr = data.load(args.dataset, "train", args.data_root)
+    x_tr, y_tr = _load_train(args)
     x_te, y_te = data.load(args.dataset, "test", args.data_root)
-    if args.train_subset:
-        x_tr, y_tr = x_tr[:args.train_subset], y_tr[:args.train_subset]
     rhos = args.rhos
     curves = {}
     for method in ("sam_adam", "bsam"):
@@ -275,10 +316,9 @@ def run_rho(args):
             model = _model_for(args.model, x_tr)
             cfg = Config(method=method, epochs=args.epochs, batch=args.batch, prior_precision=args.prior_precision,
                          seed=args.seed, backend=args.backend, hparams={"rho": rho})
-            opt, _ = train(model, cfg, x_tr, y_tr, progress=not args.no_progress,
-                           desc=f"{LABELS[method]} rho={rho}")
-            res = evaluate(model, opt, x_te, y_te, samples=args.samples, seed=args.seed)
-            r = res["bma"] if method == "bsam" else res["mean"]
+            trained = train(model, cfg, x_tr, y_tr, progress=not args.no_progress,
+                            desc=f"{LABELS[method]} rho={rho}")
+            r = evaluate(trained, method, x_te, y_te, samples=args.samples, seed=args.seed)["pred"]
             curves[method].append(_json_safe(r))
             print(f"{LABELS[method]} rho={rho}: acc {r['accuracy']:.4f} nll {r['nll']:.4f} ece {r['ece']:.4f}", flush=True)
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
@@ -317,8 +357,19 @@ def main(argv=None):
     data_args.add_argument("--batch", type=int, default=128)
     data_args.add_argument("--samples", type=int, default=32, help="posterior samples for bSAM's predictive")
     data_args.add_argument("--train-subset", type=int, default=0, help="use only the first N training examples")
-    t = sub.add_parser("table", parents=[common, data_args], help="SGD/Adam/SAM-SGD/SAM-Adam/bSAM metric table")
-    t.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    data_args.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warm-up, then cosine")
+    all_methods = list(METHODS + ABLATIONS)
+    tu = sub.add_parser("tune", parents=[common, data_args], help="grid search on a validation split")
+    tu.add_argument("--methods", nargs="+", default=all_methods, choices=all_methods)
+    tu.add_argument("--val-fraction", type=float, default=0.1)
+    tu.add_argument("--quick", action="store_true", help="2 configurations per method (smoke test)")
+    tu.set_defaults(samples=8)
+    t = sub.add_parser("table", parents=[common, data_args], help="metric table, tuned methods, several seeds")
+    t.add_argument("--tuned", default=None, help="tuned.json written by `tune` (else the defaults)")
+    t.add_argument("--methods", nargs="+", default=None, choices=all_methods)
+    t.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    t.add_argument("--sample-counts", nargs="*", type=int, default=[1, 8, 32, 64],
+                   help="bSAM's predictive with these numbers of samples too (Table 4)")
     t.add_argument("--m", type=int, default=1)
     t.add_argument("--lr", type=float, default=None)
     t.add_argument("--rho", type=float, default=None)
@@ -333,6 +384,7 @@ def main(argv=None):
     rho.add_argument("--rhos", nargs="+", type=float, default=[0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2])
     args = ap.parse_args(argv)
     if args.out is None:
-        args.out = os.path.join("results", args.experiment if args.experiment != "table"
+        args.out = os.path.join("results", args.experiment if args.experiment not in ("table", "tune")
                                 else f"{args.dataset}_{args.model}")
-    return {"table": run_table, "toy2d": run_toy2d, "moons": run_moons, "rho": run_rho}[args.experiment](args)
+    return {"table": run_table, "tune": run_tune, "toy2d": run_toy2d, "moons": run_moons,
+            "rho": run_rho}[args.experiment](args)

@@ -1,7 +1,17 @@
 """One training loop for every method of the comparison, so tables compare like with like:
-SGD, Adam (torch.optim), SAM-SGD, SAM-Adam (baselines.SAM) and bSAM."""
+SGD, Adam (torch.optim), SAM-SGD, SAM-Adam (baselines.SAM), bSAM, and the Bayesian
+baselines IVON, SWAG and Laplace (``bayes_baselines.py``); plus the ablation bSAM without
+noise (the linearisation at the mean, the paper's Table 3).
+
+Every method gets the same schedule (linear warm-up for ``warmup_epochs``, then cosine
+decay to 0), the same batches, and a Gaussian prior of the same precision (weight decay
+prior precision / N). Each method has a predictive (``evaluate``'s ``"pred"``): at the
+parameters for SGD, Adam and the SAMs; averaged over posterior samples for bSAM, IVON and
+SWAG; the probit GLM predictive for Laplace.
+"""
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -12,19 +22,28 @@ from torch import Tensor, nn
 
 from .. import metrics
 from .baselines import SAM
+from . import bayes_baselines
 from ..optimizer import BSAM, split_batch
-from ..predict import predict_bma, predict_mean
+from ..predict import _probs, eval_mode, predict_bma, predict_mean
 
-METHODS = ("sgd", "adam", "sam_sgd", "sam_adam", "bsam")
+METHODS = ("sgd", "adam", "sam_sgd", "sam_adam", "bsam", "ivon", "swag", "laplace")
+ABLATIONS = ("bsam_nonoise",)
+SAM_TYPES = ("sam_sgd", "sam_adam", "bsam", "bsam_nonoise")      # these take rho and m
+SAMPLED = ("bsam", "bsam_nonoise", "ivon", "swag")               # predict by sampling
 
-# Defaults per method (overridable); weight decay / prior precision as in the paper's setup:
-# bSAM's delta = prior precision / N, the others' weight decay = prior precision / N too.
+# Defaults per method (overridable); the prior precision is Config.prior_precision.
 DEFAULTS = {
     "sgd": dict(lr=0.05, momentum=0.9),
     "adam": dict(lr=1e-3),
     "sam_sgd": dict(lr=0.05, momentum=0.9, rho=0.05),
     "sam_adam": dict(lr=1e-3, rho=0.05),
     "bsam": dict(lr=0.1, rho=0.01, damping=0.1, s_init=1.0),
+    "bsam_nonoise": dict(lr=0.1, rho=0.01, damping=0.1, s_init=1.0),
+    "ivon": dict(lr=0.1),
+    # SWAG: SGD, the schedule reaching swa_lr_ratio * lr at 3/4 of training, constant after,
+    # where `snapshots` iterates are collected (rank: the last 10 deviations).
+    "swag": dict(lr=0.05, momentum=0.9, swa_lr_ratio=0.1, snapshots=20, rank=10),
+    "laplace": dict(lr=0.05, momentum=0.9),
 }
 
 
@@ -37,19 +56,30 @@ class Config:
     m: int = 1
     seed: int = 0
     backend: str = "auto"
+    warmup_epochs: float = 0.0
     hparams: dict = field(default_factory=dict)
 
     def hp(self) -> dict:
         return {**DEFAULTS[self.method], **self.hparams}
 
 
+@dataclass
+class Trained:
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    ms_per_step: float
+    posterior: object = None        # SWAG's moments, Laplace's fit
+
+
 def make_optimizer(cfg: Config, model: nn.Module, num_data: int) -> torch.optim.Optimizer:
-    if cfg.method not in METHODS:
-        raise ValueError(f"unknown method {cfg.method!r}; expected one of {METHODS}")
+    if cfg.method not in METHODS + ABLATIONS:
+        raise ValueError(f"unknown method {cfg.method!r}; expected one of {METHODS + ABLATIONS}")
+    if cfg.m > 1 and cfg.method not in SAM_TYPES:
+        raise ValueError(f"m={cfg.m}: only the SAM-type methods {SAM_TYPES} take m parts")
     hp = cfg.hp()
     wd = cfg.prior_precision / num_data
     params = model.parameters()
-    if cfg.method == "sgd":
+    if cfg.method in ("sgd", "swag", "laplace"):
         return torch.optim.SGD(params, lr=hp["lr"], momentum=hp["momentum"], weight_decay=wd)
     if cfg.method == "adam":
         return torch.optim.Adam(params, lr=hp["lr"], weight_decay=wd)
@@ -57,76 +87,142 @@ def make_optimizer(cfg: Config, model: nn.Module, num_data: int) -> torch.optim.
         return SAM(params, torch.optim.SGD, rho=hp["rho"], lr=hp["lr"], momentum=hp["momentum"], weight_decay=wd)
     if cfg.method == "sam_adam":
         return SAM(params, torch.optim.Adam, rho=hp["rho"], lr=hp["lr"], weight_decay=wd)
+    if cfg.method == "ivon":
+        return bayes_baselines.make_ivon(params, hp["lr"], num_data, cfg.prior_precision)
     return BSAM(params, lr=hp["lr"], num_data=num_data, rho=hp["rho"], weight_decay=wd,
                 damping=hp["damping"], s_init=hp["s_init"], backend=cfg.backend, seed=cfg.seed)
 
 
+def lr_factor(step: int, total: int, warmup: int, floor: float = 0.0, decay_end: Optional[int] = None) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay from 1 to `floor` at step
+    `decay_end` (default: the last), constant after."""
+    if step < warmup:
+        return (step + 1) / warmup
+    end = total if decay_end is None else decay_end
+    t = min(1.0, (step - warmup) / max(1, end - warmup))
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
 def train(model: nn.Module, cfg: Config, x: Tensor, y: Tensor, progress: bool = False,
-          desc: Optional[str] = None) -> tuple[torch.optim.Optimizer, float]:
-    """Train with cosine-decayed learning rate; returns the optimizer and ms per step."""
+          desc: Optional[str] = None) -> Trained:
+    """Train with warm-up + cosine; returns the model, optimizer, ms per step (of the
+    optimizer step: forward, backward and update) and the method's posterior, if any."""
     torch.manual_seed(cfg.seed)
     n = len(x)
     opt = make_optimizer(cfg, model, n)
+    hp = cfg.hp()
     steps_per_epoch = n // cfg.batch
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.epochs * steps_per_epoch))
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warmup = int(cfg.warmup_epochs * steps_per_epoch)
+    swag = None
+    if cfg.method == "swag":
+        swag = bayes_baselines.SWAG(model, rank=int(hp["rank"]))
+        swa_start = (3 * total) // 4
+        every = max(1, (total - swa_start) // int(hp["snapshots"]))
+        schedule = lambda s: lr_factor(s, total, warmup, hp["swa_lr_ratio"], swa_start)  # noqa: E731
+    else:
+        schedule = lambda s: lr_factor(s, total, warmup)  # noqa: E731
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     g = torch.Generator().manual_seed(cfg.seed)
-    bar = None
-    if progress:
-        try:
-            from tqdm import tqdm
-            bar = tqdm(total=cfg.epochs * steps_per_epoch, desc=desc or cfg.method, leave=False)
-        except ImportError:
-            pass
+    bar = _progress_bar(progress, total, desc or cfg.method)
     model.train()
-    elapsed, steps = 0.0, 0
+    elapsed, step = 0.0, 0
+    untimed = min(5, total // 10)     # the first steps pay for allocations and warm-up
     for _ in range(cfg.epochs):
         perm = torch.randperm(n, generator=g)
         for i in range(steps_per_epoch):
             idx = perm[i * cfg.batch:(i + 1) * cfg.batch]
-            parts = split_batch(x[idx], y[idx], m=cfg.m)
-
-            def closure(k=0):
-                opt.zero_grad()
-                loss = F.cross_entropy(model(parts[k][0]), parts[k][1])
-                loss.backward()
-                return loss
             t0 = time.perf_counter()
-            if cfg.method in ("sgd", "adam"):
-                for k in range(cfg.m):           # plain gradient over the whole batch
-                    loss = F.cross_entropy(model(parts[k][0]), parts[k][1]) / cfg.m
-                    if k == 0:
-                        opt.zero_grad()
-                    loss.backward()
-                opt.step()
-            elif cfg.m == 1:
-                opt.step(closure)              # through step(): what lr schedulers track
-            else:
-                opt.step_parts(closure, cfg.m)
-            elapsed += time.perf_counter() - t0
-            steps += 1
+            _one_step(cfg, model, opt, split_batch(x[idx], y[idx], m=cfg.m))
+            if step >= untimed:
+                elapsed += time.perf_counter() - t0
+            step += 1
             sched.step()
+            if swag is not None and step > swa_start and (step - swa_start) % every == 0:
+                swag.collect()
             if bar is not None:
                 bar.update()
     if bar is not None:
         bar.close()
-    return opt, 1e3 * elapsed / max(1, steps)
+    posterior = swag
+    if swag is not None and swag.n:
+        with torch.no_grad():                 # the SWA mean: what "mean" evaluates
+            torch.nn.utils.vector_to_parameters(swag.mean, model.parameters())
+    if cfg.method == "laplace":
+        posterior = bayes_baselines.fit_laplace(model, x, y)
+    return Trained(model, opt, 1e3 * elapsed / max(1, step - untimed), posterior)
 
 
-def evaluate(model: nn.Module, opt, x: Tensor, y: Tensor, samples: int = 32, seed: int = 0,
+def _one_step(cfg: Config, model: nn.Module, opt, parts) -> None:
+    def closure(k=0):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(parts[k][0]), parts[k][1])
+        loss.backward()
+        return loss
+    if cfg.method in SAM_TYPES:
+        noise = None
+        if cfg.method == "bsam_nonoise":     # xi = 0: both gradients at the mean
+            zeros = [torch.zeros_like(p) for grp in opt.param_groups for p in grp["params"]]
+            noise = [zeros] * cfg.m
+        extra = {} if noise is None else {"noise": noise[0] if cfg.m == 1 else noise}
+        if cfg.m == 1:
+            opt.step(closure, **extra)
+        else:
+            opt.step_parts(closure, cfg.m, **extra)
+    elif cfg.method == "ivon":
+        with opt.sampled_params(train=True):
+            closure()
+        opt.step()
+    else:
+        closure()
+        opt.step()
+
+
+def _progress_bar(progress: bool, total: int, desc: str):
+    if not progress:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, leave=False)
+
+
+@torch.no_grad()
+def predictive(trained: Trained, method: str, x: Tensor, samples: int = 32, seed: int = 0) -> Tensor:
+    """The method's predictive probabilities (see the module docstring)."""
+    model, opt = trained.model, trained.opt
+    if method in ("bsam", "bsam_nonoise"):
+        return predict_bma(model, opt, x, samples=samples, generator=torch.Generator().manual_seed(seed))
+    if method == "ivon":
+        torch.manual_seed(seed)                       # IVON samples from the global RNG
+        with eval_mode(model):
+            total = 0
+            for _ in range(samples):
+                with opt.sampled_params():
+                    total = total + _probs(model, x, 1024)
+        return total / samples
+    if method == "swag":
+        return trained.posterior.predict(x, samples, seed)
+    if method == "laplace":
+        with eval_mode(model):
+            return bayes_baselines.predict_laplace(trained.posterior, x)
+    return predict_mean(model, x)
+
+
+def evaluate(trained: Trained, method: str, x: Tensor, y: Tensor, samples: int = 32, seed: int = 0,
              x_ood: Optional[Tensor] = None) -> dict:
-    """Metrics at the parameters; for bSAM also of the posterior predictive (key 'bma')."""
+    """Metrics of the method's predictive ("pred") and at the parameters ("mean"; SWAG:
+    the SWA mean), each with its probabilities ("probs")."""
     out = {}
-    probs = predict_mean(model, x)
-    out["mean"] = metrics.all_metrics(probs, y)
-    if x_ood is not None:
-        out["mean"]["ood_auroc"] = metrics.ood_auroc(probs, predict_mean(model, x_ood))
-    out["mean"]["probs"] = probs
-    if isinstance(opt, BSAM):
-        gen = torch.Generator().manual_seed(seed)
-        probs = predict_bma(model, opt, x, samples=samples, generator=gen)
-        out["bma"] = metrics.all_metrics(probs, y)
+    for key, fn in (("mean", lambda inputs: predict_mean(trained.model, inputs)),
+                    ("pred", lambda inputs: predictive(trained, method, inputs, samples, seed))):
+        if key == "pred" and method not in SAMPLED + ("laplace",):
+            out["pred"] = out["mean"]
+            continue
+        probs = fn(x)
+        out[key] = metrics.all_metrics(probs, y)
         if x_ood is not None:
-            gen = torch.Generator().manual_seed(seed)
-            out["bma"]["ood_auroc"] = metrics.ood_auroc(probs, predict_bma(model, opt, x_ood, samples, gen))
-        out["bma"]["probs"] = probs
+            out[key]["ood_auroc"] = metrics.ood_auroc(probs, fn(x_ood))
+        out[key]["probs"] = probs
     return out
