@@ -7,6 +7,7 @@ its own shard (m local parts); perturbed gradients are averaged by DDP, u by BSA
 Rank 0 prints test accuracy and NLL at the mean and of the posterior predictive.
 """
 import argparse
+import gc
 import os
 
 import torch
@@ -69,8 +70,12 @@ def main():
             nll = F.nll_loss(p.clamp_min(1e-12).log(), y_te).item()
             print(f"{name}: accuracy {acc:.4f}, NLL {nll:.4f}")
         print(f"world size {world}, {args.m} local parts per rank, backend {opt.backend}")
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
+    # The DDP model (its reducer) gone and every rank here before the process group goes:
+    # otherwise the process can abort at exit.
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()

@@ -10,6 +10,7 @@ per global part with --parts > 1). Prints, per rank, the bytes of optimizer stat
 mean and of the posterior predictive.
 """
 import argparse
+import gc
 import os
 
 import torch
@@ -93,8 +94,12 @@ def main():
             nll = F.nll_loss(p.clamp_min(1e-12).log(), y_te).item()
             print(f"{name}: accuracy {acc:.4f}, NLL {nll:.4f}")
         print(f"world size {world}, {args.m} parts per rank, backend {opt.backend}")
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
+    # The model and optimizer (and FSDP2's state with them) gone and every rank here before
+    # the process group goes: otherwise the process can abort at exit.
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()

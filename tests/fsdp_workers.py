@@ -52,25 +52,30 @@ def train(net, opt, first, steps, world, m):
     for t in range(first, first + steps):
         x, y = global_batch(t)
         rows = rank_rows(rank, world)
-        parts = split_batch(x[rows], y[rows], m=m)
         with torch.no_grad():       # an evaluation: FSDP2 then keeps the root's parameters
             net(x[rows])            # gathered, and BSAM must reshard before it writes
-        if m == 1:          # the phase API, keeping the full noisy point of each step
-            opt.zero_grad()
-            opt.sample_noise()
-            noisy.append(full(net))
-            F.cross_entropy(net(parts[0][0]), parts[0][1]).backward()
-            opt.perturb()
-            F.cross_entropy(net(parts[0][0]), parts[0][1]).backward()
-            opt.step()
-        else:
-            def closure(k):
-                opt.zero_grad()
-                loss = F.cross_entropy(net(parts[k][0]), parts[k][1])
-                loss.backward()
-                return loss
-            opt.step_parts(closure, m)
+        one_step(net, opt, split_batch(x[rows], y[rows], m=m), lambda: noisy.append(full(net)))
     return noisy
+
+
+def one_step(net, opt, parts, at_noisy_point):
+    """m = 1: the phase API, calling at_noisy_point() there; m > 1: step_parts."""
+    if len(parts) == 1:
+        opt.zero_grad()
+        opt.sample_noise()
+        at_noisy_point()
+        F.cross_entropy(net(parts[0][0]), parts[0][1]).backward()
+        opt.perturb()
+        F.cross_entropy(net(parts[0][0]), parts[0][1]).backward()
+        opt.step()
+        return
+
+    def closure(k):
+        opt.zero_grad()
+        loss = F.cross_entropy(net(parts[k][0]), parts[k][1])
+        loss.backward()
+        return loss
+    opt.step_parts(closure, len(parts))
 
 
 def full(net):

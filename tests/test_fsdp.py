@@ -6,7 +6,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 
 import fsdp_workers as W
 from bsam_fast import BSAM, split_batch
@@ -38,21 +37,8 @@ def single_process(backend, world, m, steps=3):
         # global part k: every rank's k-th part (FSDP2 averages the ranks' gradients)
         parts = [(torch.cat([pr[k][0] for pr in per_rank]), torch.cat([pr[k][1] for pr in per_rank]))
                  for k in range(m)]
-        if m == 1:
-            opt.zero_grad()
-            opt.sample_noise()
-            noisy.append({n: p.detach().clone() for n, p in net.named_parameters()})
-            F.cross_entropy(net(parts[0][0]), parts[0][1]).backward()
-            opt.perturb()
-            F.cross_entropy(net(parts[0][0]), parts[0][1]).backward()
-            opt.step()
-        else:
-            def closure(k):
-                opt.zero_grad()
-                loss = F.cross_entropy(net(parts[k][0]), parts[k][1])
-                loss.backward()
-                return loss
-            opt.step_parts(closure, m)
+        W.one_step(net, opt, parts, lambda: noisy.append(
+            {n: p.detach().clone() for n, p in net.named_parameters()}))
     return net, opt, noisy
 
 

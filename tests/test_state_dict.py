@@ -110,15 +110,23 @@ def test_state_is_made_when_the_parameters_join(backend):
     model = make_model(dtype=torch.bfloat16)
     opt = BSAM(model.parameters(), lr=0.05, num_data=100, backend=backend, seed=1)
     assert all({"momentum", "precision", "mean"} <= opt.state[p].keys() for p in model.parameters())
+    _shift(model)                                    # e.g. model.load_state_dict(...)
+    opt.param_groups[0]["s_init"] = 2.0
+    _assert_trains_like_one_made_now(model, opt, backend, s_init=2.0)
+
+
+def _shift(model):
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(1.0)                              # e.g. model.load_state_dict(...)
-    opt.param_groups[0]["s_init"] = 2.0
-    reference = make_model(dtype=torch.bfloat16)
-    with torch.no_grad():
-        for p in reference.parameters():
             p.add_(1.0)
-    ref_opt = BSAM(reference.parameters(), lr=0.05, num_data=100, backend=backend, seed=1, s_init=2.0)
+
+
+def _assert_trains_like_one_made_now(model, opt, backend, s_init):
+    """Two steps of (model, opt) equal those of a bf16 model shifted by 1 and a BSAM made
+    for it with this s_init."""
+    reference = make_model(dtype=torch.bfloat16)
+    _shift(reference)
+    ref_opt = BSAM(reference.parameters(), lr=0.05, num_data=100, backend=backend, seed=1, s_init=s_init)
     train(model, opt, 2, dtype=torch.bfloat16)
     train(reference, ref_opt, 2, dtype=torch.bfloat16)
     assert_identical(snapshot(model, opt), snapshot(reference, ref_opt))
@@ -161,16 +169,7 @@ def test_a_state_dict_taken_before_the_first_step_stays_initial(backend):
     model = make_model(dtype=torch.bfloat16)
     opt = BSAM(model.parameters(), lr=0.05, num_data=100, backend=backend, seed=1)
     opt.load_state_dict(opt.state_dict())
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(1.0)
+    _shift(model)
     opt.param_groups[0]["s_init"] = 4.0
     assert all(torch.allclose(std, torch.full_like(std, (100 * 4.0) ** -0.5)) for std in opt.posterior_std())
-    reference = make_model(dtype=torch.bfloat16)
-    with torch.no_grad():
-        for p in reference.parameters():
-            p.add_(1.0)
-    ref_opt = BSAM(reference.parameters(), lr=0.05, num_data=100, backend=backend, seed=1, s_init=4.0)
-    train(model, opt, 2, dtype=torch.bfloat16)
-    train(reference, ref_opt, 2, dtype=torch.bfloat16)
-    assert_identical(snapshot(model, opt), snapshot(reference, ref_opt))
+    _assert_trains_like_one_made_now(model, opt, backend, s_init=4.0)
