@@ -41,12 +41,18 @@ def load_digits_split(seed: int = 0):
 
 
 def compare(ours: dict, theirs: dict) -> dict:
-    """Per metric: "better", "worse" or "equal" (the means differ by less than the sum of
-    the two standard deviations) for `ours` against `theirs` (lists of per-seed values)."""
+    """Per metric: "better", "worse" or "equal" (the means differ by no more than the sum
+    of the two standard deviations over the seeds) for `ours` against `theirs` (lists of
+    per-seed values); "undefined" if a value is not finite (an AUROC with no error)."""
     out = {}
     for k in KEYS:
-        a, b = torch.tensor(ours[k]), torch.tensor(theirs[k])
-        spread = (a.std() if len(a) > 1 else 0) + (b.std() if len(b) > 1 else 0)
+        a, b = torch.tensor(ours[k], dtype=torch.float64), torch.tensor(theirs[k], dtype=torch.float64)
+        if len(a) < 2 or len(b) < 2:
+            raise ValueError("compare() needs two seeds or more: with one there is no spread")
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            out[k] = "undefined"
+            continue
+        spread = a.std() + b.std()
         diff = (a.mean() - b.mean()).item()
         if abs(diff) <= float(spread):
             out[k] = "equal"
@@ -100,11 +106,15 @@ def main(argv=None):
                         for k in KEYS)
         print(f"{name:<28}{cells}{sum(ms[name]) / len(ms[name]):>9.2f}")
     bsam = next(n for n in runs if "BMA" in n)
-    verdicts = {other: compare(runs[bsam], runs[other]) for other in ("Adam", "SAM-Adam")}
-    summary = "; ".join(f"vs {other}: " + ", ".join(f"{k} {v}" for k, v in vs.items())
-                        for other, vs in verdicts.items())
-    print(f"In one line: bSAM's posterior predictive {summary} (equal: within one std over "
-          f"{len(args.seeds)} seeds).")
+    verdicts = {}
+    if len(args.seeds) > 1:
+        verdicts = {other: compare(runs[bsam], runs[other]) for other in ("Adam", "SAM-Adam")}
+        summary = "; ".join(f"vs {other}: " + ", ".join(f"{k} {v}" for k, v in vs.items())
+                            for other, vs in verdicts.items())
+        print(f"In one line: bSAM's posterior predictive {summary} (equal: the means differ by "
+              f"no more than the sum of the two stds over {len(args.seeds)} seeds).")
+    else:
+        print("In one line: one seed gives no spread, so no verdict (use --seeds with two or more).")
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "reliability.png")
     metrics.reliability_diagram(probs, y_te, path)

@@ -18,9 +18,10 @@ def test_tune_then_table_on_digits(tmp_path):
     assert tuned["protocol"]["train_examples"] == 288 and tuned["protocol"]["val_examples"] == 32
     for method in everyone:
         trials = tuned["trials"][method]
-        assert len(trials) == 2 and tuned["selected"][method] in trials
+        assert len(trials) == 2
         best = max(t["val"]["accuracy"] for t in trials)
         assert tuned["selected"][method]["val"]["accuracy"] == best
+    assert {t["hparams"]["m"] for t in tuned["trials"]["bsam_nonoise"]} == {1, 8}    # m = 8 runs too
     results = experiments.main(["table", "--dataset", "digits", "--model", "mlp", "--epochs", "1", "--batch", "32",
                                 "--train-subset", "320", "--samples", "2", "--seeds", "0", "1",
                                 "--sample-counts", "1", "2", "--tuned", str(tmp_path / "tuned.json"),
@@ -31,6 +32,8 @@ def test_tune_then_table_on_digits(tmp_path):
         assert len(r["pred"]["accuracy"]["runs"]) == 2 and r["ms_per_step"]["mean"] > 0
     assert set(results["bsam"]["samples"]) == {"1", "2"}
     table = (tmp_path / "table.md").read_text()
+    assert "Posterior samples in the predictive" in table and "| bSAM | 2 |" in table
+    assert experiments.main(["report", str(tmp_path)]) == table.rstrip("\n")
     for label in ("| bSAM |", "| bSAM at mean |", "| IVON |", "| SWAG |", "| Laplace (at SGD) |",
                   "| bSAM without noise |", " ± "):
         assert label in table
@@ -111,6 +114,38 @@ def test_demo_reads_the_tuned_hyperparameters():
 
 
 def test_compare_calls_differences_within_the_spread_equal():
+    with pytest.raises(ValueError, match="two seeds"):
+        demo.compare({k: [1.0] for k in demo.KEYS}, {k: [1.0] for k in demo.KEYS})
     ours = {"accuracy": [0.9, 0.92], "nll": [0.2, 0.2], "ece": [0.01, 0.05], "auroc": [0.9, 0.9]}
     theirs = {"accuracy": [0.8, 0.81], "nll": [0.3, 0.3], "ece": [0.02, 0.03], "auroc": [0.95, 0.95]}
     assert demo.compare(ours, theirs) == {"accuracy": "better", "nll": "better", "ece": "equal", "auroc": "worse"}
+
+
+def test_selection_ranks_diverged_runs_last():
+    import math
+    from bsam_fast.experiments.tuning import select
+    trials = [{"val": {"accuracy": 0.9, "nll": math.nan}}, {"val": {"accuracy": 0.9, "nll": 0.3}},
+              {"val": {"accuracy": math.nan, "nll": 0.1}}]
+    assert select(trials, "accuracy") is trials[1]
+    assert select(trials[:2], "nll") is trials[1]
+
+
+def test_warm_up_then_cosine():
+    from bsam_fast.experiments.training import lr_factor
+    assert [lr_factor(s, 10, 2) for s in (0, 1)] == [0.5, 1.0]
+    assert lr_factor(2, 10, 2) == 1.0 and abs(lr_factor(6, 10, 2) - 0.5) < 1e-12
+    assert lr_factor(10, 10, 2) == 0.0 and 0 < lr_factor(9, 10, 2) < 0.05
+    assert lr_factor(8, 10, 0, floor=0.1, decay_end=5) == 0.1     # SWAG: constant after decay_end
+
+
+def test_table_with_tuned_takes_the_tuners_budget_and_refuses_overrides(tmp_path):
+    tuned = {"protocol": {"epochs": 1, "batch": 32, "warmup_epochs": 0.0},
+             "selected": {"adam": {"hparams": {"lr": 0.01, "prior_precision": 10.0}}}}
+    path = tmp_path / "tuned.json"
+    path.write_text(json.dumps(tuned))
+    experiments.main(["table", "--dataset", "digits", "--train-subset", "64", "--tuned", str(path), "--seeds", "0",
+                      "--out", str(tmp_path), "--no-progress"])
+    args = json.loads((tmp_path / "results.json").read_text())["args"]
+    assert (args["epochs"], args["batch"], args["warmup_epochs"]) == (1, 32, 0.0)
+    with pytest.raises(SystemExit, match="--lr"):
+        experiments.main(["table", "--dataset", "digits", "--tuned", str(path), "--lr", "0.1", "--out", str(tmp_path)])

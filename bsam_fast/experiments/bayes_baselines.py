@@ -39,6 +39,9 @@ class SWAG:
     iterates; a sample is mean + sqrt(diag/2)*z1 + D z2 / sqrt(2 (K-1))."""
 
     def __init__(self, model: nn.Module, rank: int = 10):
+        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+            raise ValueError("SWAG here does not recompute BatchNorm statistics for its samples "
+                             "(Maddox et al.'s bn_update): use it with models without BatchNorm")
         self.model, self.rank = model, rank
         self.n = 0
         vec = parameters_to_vector(model.parameters()).detach()

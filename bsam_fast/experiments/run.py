@@ -68,8 +68,12 @@ METRIC_KEYS = ("accuracy", "nll", "ece", "auroc", "brier", "ood_auroc")
 
 
 def _mean_std(values: list[float]) -> dict:
+    """Mean and std over the seeds whose value is finite (n of them; a diverged run, or an
+    undefined AUROC, is left out and shows in n and runs)."""
     t = torch.tensor(values, dtype=torch.float64)
-    return {"mean": t.mean().item(), "std": t.std().item() if len(values) > 1 else 0.0, "runs": values}
+    ok = t[torch.isfinite(t)]
+    return {"mean": ok.mean().item() if len(ok) else math.nan,
+            "std": ok.std().item() if len(ok) > 1 else 0.0, "n": len(ok), "runs": values}
 
 
 def run_table(args) -> dict:
@@ -88,16 +92,23 @@ def run_table(args) -> dict:
     if args.tuned:
         with open(args.tuned) as f:
             tuned = json.load(f)
+        given = [flag for flag, value in (("--lr", args.lr), ("--rho", args.rho), ("--set", args.set),
+                                          ("--m", args.m), ("--prior-precision", args.prior_precision))
+                 if value is not None]
+        if given:
+            raise SystemExit(f"--tuned sets the hyperparameters: {', '.join(given)} would be ignored")
+    _resolve_budget(args, tuned["protocol"] if tuned else {})
     methods = args.methods or (list(tuned["selected"]) if tuned else list(METHODS))
     results, probs_for_plot = {}, {}
     for method in methods:
         if tuned is not None and method not in tuned["selected"]:
             raise SystemExit(f"--tuned {args.tuned} has no selection for {method}")
         choice = tuned["selected"][method]["hparams"] if tuned else \
-            {"prior_precision": args.prior_precision, "m": args.m, **_hparams(args, method)}
+            {"prior_precision": 10.0 if args.prior_precision is None else args.prior_precision,
+             "m": 1 if args.m is None else args.m, **_hparams(args, method)}
         runs = {"pred": [], "mean": [], "ms_per_step": [], "samples": {}}
         for seed in args.seeds:
-            cfg = config_from(method, {"prior_precision": args.prior_precision, **choice}, epochs=args.epochs,
+            cfg = config_from(method, choice, epochs=args.epochs,
                               batch=args.batch, seed=seed, backend=args.backend, warmup_epochs=args.warmup_epochs)
             torch.manual_seed(seed)
             trained = train(_model_for(args.model, x_tr), cfg, x_tr, y_tr, progress=not args.no_progress,
@@ -119,19 +130,48 @@ def run_table(args) -> dict:
                                      if k in runs[kind][0]} for kind in ("pred", "mean")},
                            "samples": {s: {k: _mean_std([r[k] for r in rs]) for k in rs[0]}
                                        for s, rs in runs["samples"].items()}}
-    table = _markdown_table(results, x_ood is not None)
-    header = (f"{args.dataset} / {args.model}: {len(x_tr)} training examples, {args.epochs} epochs "
-              f"(warm-up {args.warmup_epochs}), batch {args.batch}, seeds {args.seeds}, "
-              f"{args.samples} samples in sampled predictives; hyperparameters "
-              f"{'from ' + args.tuned if tuned else 'defaults'}")
-    print(header)
-    print(table)
-    with open(os.path.join(args.out, "table.md"), "w") as f:
-        f.write(header + "\n\n" + table + "\n")
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"args": vars(args), "results": results}, f, indent=1)
+        json.dump({"args": vars(args), "train_examples": len(x_tr), "results": results}, f, indent=1)
+    print(write_table(args.out))
     metrics.reliability_diagram(probs_for_plot, y_te, os.path.join(args.out, "reliability.png"))
     return results
+
+
+def _resolve_budget(args, protocol: dict) -> None:
+    """Epochs, batch and warm-up: as given, else the tuner's (--tuned), else the defaults."""
+    for name, default in (("epochs", 5), ("batch", 128), ("warmup_epochs", 1.0)):
+        if hasattr(args, name) and getattr(args, name) is None:
+            setattr(args, name, protocol.get(name, default))
+
+
+def write_table(folder: str) -> str:
+    """table.md of a table run, from its results.json: the metrics (mean ± std over the
+    seeds) and bSAM's predictive with 1, 8, 32, 64 samples (the paper's Table 4)."""
+    with open(os.path.join(folder, "results.json")) as f:
+        saved = json.load(f)
+    args, results = saved["args"], saved["results"]
+    ood = any("ood_auroc" in r["pred"] for r in results.values())
+    header = (f"{args['dataset']} / {args['model']}: {saved.get('train_examples', '?')} training examples, "
+              f"{args['epochs']} epochs (warm-up {args['warmup_epochs']}), batch {args['batch']}, seeds "
+              f"{args['seeds']}, {args['samples']} samples in the sampled predictives; hyperparameters "
+              f"{'from ' + args['tuned'] if args.get('tuned') else 'defaults'}")
+    text = header + "\n\n" + _markdown_table(results, ood)
+    samples = {m: r["samples"] for m, r in results.items() if r.get("samples")}
+    if samples:
+        lines = ["| method | samples | accuracy (%) | NLL | ECE |", "|---|---|---|---|---|"]
+        for method, by_count in samples.items():
+            for count, stats in by_count.items():
+                lines.append(f"| {LABELS[method]} | {count} | {_cell(stats['accuracy'], 100.0)} | "
+                             f"{_cell(stats['nll'])} | {_cell(stats['ece'])} |")
+        text += "\n\nPosterior samples in the predictive:\n\n" + "\n".join(lines)
+    with open(os.path.join(folder, "table.md"), "w") as f:
+        f.write(text + "\n")
+    return text
+
+
+def _cell(stat: dict, scale: float = 1.0) -> str:
+    digits = 2 if scale > 1 else 4
+    return f"{scale * stat['mean']:.{digits}f} ± {scale * stat['std']:.{digits}f}"
 
 
 def _markdown_table(results: dict, ood: bool) -> str:
@@ -140,16 +180,14 @@ def _markdown_table(results: dict, ood: bool) -> str:
              "ood_auroc": "OOD AUROC"}
     head = "| method | " + " | ".join(names[k] for k in keys) + " | ms/step |"
     lines = [head, "|" + "---|" * (len(keys) + 2)]
-
-    def cell(stat, scale=1.0):
-        return f"{scale * stat['mean']:.{2 if scale > 1 else 4}f} ± {scale * stat['std']:.{2 if scale > 1 else 4}f}"
     for method, r in results.items():
         rows = [(LABELS[method], r["pred"])]
         if method in ("bsam", "bsam_nonoise", "swag", "ivon"):
             rows.append((f"{LABELS[method]} at mean", r["mean"]))
+        ms = r["ms_per_step"]
         for name, stats in rows:
-            cells = [cell(stats[k], 100.0 if k == "accuracy" else 1.0) for k in keys]
-            lines.append(f"| {name} | " + " | ".join(cells) + f" | {r['ms_per_step']['mean']:.1f} |")
+            cells = [_cell(stats[k], 100.0 if k == "accuracy" else 1.0) for k in keys]
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {ms['mean']:.1f} ± {ms['std']:.1f} |")
     return "\n".join(lines)
 
 
@@ -347,30 +385,33 @@ def main(argv=None):
     common.add_argument("--out", default=None, help="folder for results and figures")
     common.add_argument("--seed", type=int, default=0)
     common.add_argument("--backend", default="auto")
-    common.add_argument("--prior-precision", type=float, default=10.0)
+    common.add_argument("--prior-precision", type=float, default=None,
+                        help="default 10 (moons: 1; tune: in the grid)")
     common.add_argument("--no-progress", action="store_true")
     data_args = argparse.ArgumentParser(add_help=False)
     data_args.add_argument("--dataset", default="mnist", choices=["digits", "mnist", "fashion_mnist", "cifar10", "cifar100"])
     data_args.add_argument("--data-root", default=None, help="folder of CIFAR's python-pickle files")
     data_args.add_argument("--model", default="mlp", choices=["mlp", "lenet5", "resnet20_frn", "resnet18"])
-    data_args.add_argument("--epochs", type=int, default=5)
-    data_args.add_argument("--batch", type=int, default=128)
-    data_args.add_argument("--samples", type=int, default=32, help="posterior samples for bSAM's predictive")
+    data_args.add_argument("--epochs", type=int, default=None, help="default 5 (table --tuned: the tuner's)")
+    data_args.add_argument("--batch", type=int, default=None, help="default 128 (table --tuned: the tuner's)")
+    data_args.add_argument("--samples", type=int, default=None,
+                           help="posterior samples in the predictive of bSAM, IVON and SWAG (default "
+                                "32; tune: 8)")
     data_args.add_argument("--train-subset", type=int, default=0, help="use only the first N training examples")
-    data_args.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warm-up, then cosine")
+    data_args.add_argument("--warmup-epochs", type=float, default=None,
+                           help="linear warm-up, then cosine; default 1 (table --tuned: the tuner's)")
     all_methods = list(METHODS + ABLATIONS)
     tu = sub.add_parser("tune", parents=[common, data_args], help="grid search on a validation split")
     tu.add_argument("--methods", nargs="+", default=all_methods, choices=all_methods)
     tu.add_argument("--val-fraction", type=float, default=0.1)
     tu.add_argument("--quick", action="store_true", help="2 configurations per method (smoke test)")
-    tu.set_defaults(samples=8)
     t = sub.add_parser("table", parents=[common, data_args], help="metric table, tuned methods, several seeds")
     t.add_argument("--tuned", default=None, help="tuned.json written by `tune` (else the defaults)")
     t.add_argument("--methods", nargs="+", default=None, choices=all_methods)
     t.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     t.add_argument("--sample-counts", nargs="*", type=int, default=[1, 8, 32, 64],
                    help="bSAM's predictive with these numbers of samples too (Table 4)")
-    t.add_argument("--m", type=int, default=1)
+    t.add_argument("--m", type=int, default=None, help="default 1")
     t.add_argument("--lr", type=float, default=None)
     t.add_argument("--rho", type=float, default=None)
     t.add_argument("--set", nargs="*", help="per-method hyperparameters, e.g. bsam.lr=0.2 sam_adam.rho=0.1")
@@ -379,10 +420,21 @@ def main(argv=None):
     toy.add_argument("--steps", type=int, default=3000)
     moons = sub.add_parser("moons", parents=[common], help="two moons: SAM vs bSAM uncertainty")
     moons.add_argument("--epochs", type=int, default=600)
-    moons.set_defaults(prior_precision=1.0)
     rho = sub.add_parser("rho", parents=[common, data_args], help="sensitivity to rho")
     rho.add_argument("--rhos", nargs="+", type=float, default=[0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2])
+    rep = sub.add_parser("report", help="rewrite table.md of a table run from its results.json")
+    rep.add_argument("folder")
     args = ap.parse_args(argv)
+    if args.experiment == "report":
+        text = write_table(args.folder)
+        print(text)
+        return text
+    if getattr(args, "samples", 0) is None:
+        args.samples = 8 if args.experiment == "tune" else 32
+    if args.experiment != "table":
+        if args.prior_precision is None:     # (not set_defaults: it would change the shared option)
+            args.prior_precision = 1.0 if args.experiment == "moons" else 10.0
+        _resolve_budget(args, {})
     if args.out is None:
         args.out = os.path.join("results", args.experiment if args.experiment not in ("table", "tune")
                                 else f"{args.dataset}_{args.model}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -112,6 +113,8 @@ def train(model: nn.Module, cfg: Config, x: Tensor, y: Tensor, progress: bool = 
     opt = make_optimizer(cfg, model, n)
     hp = cfg.hp()
     steps_per_epoch = n // cfg.batch
+    if steps_per_epoch == 0:
+        raise ValueError(f"{n} training examples make no batch of {cfg.batch}")
     total = max(1, cfg.epochs * steps_per_epoch)
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
     swag = None
@@ -137,7 +140,11 @@ def train(model: nn.Module, cfg: Config, x: Tensor, y: Tensor, progress: bool = 
             if step >= untimed:
                 elapsed += time.perf_counter() - t0
             step += 1
-            sched.step()
+            with warnings.catch_warnings():
+                # step_parts() (m > 1) is not the step() the scheduler wraps, so it would
+                # say it stepped before the optimizer: it did not.
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+                sched.step()
             if swag is not None and step > swa_start and (step - swa_start) % every == 0:
                 swag.collect()
             if bar is not None:
