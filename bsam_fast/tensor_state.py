@@ -55,6 +55,8 @@ class TensorState:
 
     def _refresh_unstepped(self) -> None:
         """Re-read the state of every parameter not stepped yet (see _init_state)."""
+        if not self._unstepped:                  # the usual case after the first step
+            return
         for group in self.param_groups:
             for p in group["params"]:
                 if p in self._unstepped:
