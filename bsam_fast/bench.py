@@ -154,11 +154,11 @@ def _make_params(shapes, device, dtype, seed=0):
 
 
 def _state_bytes(opt: torch.optim.Optimizer) -> int:
-    total = sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
-                if isinstance(t, torch.Tensor))
-    for bufs in getattr(opt, "_scratch", {}).values():     # bSAM's per-step scratch buffers
-        total += sum(t.numel() * t.element_size() for t in bufs.values())
-    return total
+    """Optimizer memory: state, and for bSAM its per-step scratch buffers too."""
+    if isinstance(opt, BSAM):
+        return sum(opt.memory_footprint().values())
+    return sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
+               if isinstance(t, torch.Tensor))
 
 
 def time_bsam(shapes, device, dtype, backend, reps) -> tuple[dict, int, int]:
