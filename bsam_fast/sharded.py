@@ -23,7 +23,6 @@ from __future__ import annotations
 import math
 from typing import Optional, Sequence
 
-import torch
 from torch import Tensor
 
 

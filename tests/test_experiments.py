@@ -52,7 +52,6 @@ def test_grids_are_the_same_size_for_every_method():
 def test_bsam_without_noise_takes_both_gradients_at_the_mean():
     """The ablation is bSAM with xi = 0: equal to the optimizer given zero noise."""
     import torch
-    from bsam_fast import BSAM
     from bsam_fast.experiments.training import Config, make_optimizer, _one_step
     from bsam_fast.experiments.models import make_model
     x, y = torch.randn(8, 64), torch.randint(0, 10, (8,))

@@ -19,7 +19,6 @@ import argparse
 import json
 import math
 import os
-import time
 
 import torch
 import torch.nn as nn

@@ -28,7 +28,6 @@ import time
 
 import torch
 
-from . import data
 from .training import ABLATIONS, METHODS, SAM_TYPES, Config, evaluate, train
 
 GRID_SIZE = 16
