@@ -1,8 +1,12 @@
 """Benchmarks of the bSAM optimizer work, against torch's fused and foreach AdamW.
 
     python -m bsam_fast.bench [--device cpu|cuda] [--sizes 1e6 1e7] [--layouts one resnet20 ...]
-                              [--dtype float32] [--backends ...] [--json PATH] [--plot PATH]
-                              [--quick] [--end-to-end]
+                              [--dtype float32] [--backends ... [compiled]] [--json PATH]
+                              [--plot PATH] [--quick] [--end-to-end]
+
+``--backends compiled`` adds the peer a user would write instead: the same update in plain
+PyTorch with torch.randn noise, compiled by torch.compile (``compiled_peer.py``); its row
+uses the same bytes model (its sample phase reads the mean instead of the parameter).
 
 What is timed: the optimizer's own work for one step, no forward/backward. For bSAM that
 is its three phases (sample_noise, perturb, step), each timed on its own with fresh
@@ -188,6 +192,33 @@ def time_bsam(shapes, device, dtype, backend, reps) -> tuple[dict, int, int]:
     return phases, _state_bytes(opt), opt.backend
 
 
+def time_compiled_peer(shapes, device, dtype, reps) -> tuple[dict, int]:
+    """The torch.compile peer (``compiled_peer.py``), timed phase by phase as time_bsam
+    times BSAM; the state in the parameters' dtype (fp32 and fp64 parameters only)."""
+    from . import compiled_peer
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"the compiled peer is benchmarked for float32/float64, not {dtype}")
+    params, grads = _make_params(shapes, device, dtype)
+    with torch.no_grad():
+        means = [p.detach().clone() for p in params]
+        momenta = [torch.zeros_like(p) for p in params]
+        precisions = [torch.ones_like(p) for p in params]
+        u_sums = [torch.zeros_like(p) for p in params]
+    sample, perturb, update = compiled_peer.compiled_phases()
+    phases = {
+        "sample": lambda: sample(params, means, precisions, 50_000.0),
+        "perturb": lambda: perturb(params, means, precisions, u_sums, grads, 0.05),
+        "update": lambda: update(params, means, momenta, precisions, u_sums, grads, 1e-3, 0.9, 0.999,
+                                 1e-4, 0.1),
+    }
+    with torch.no_grad():
+        for fn in phases.values():          # compile (untimed)
+            fn()
+        times = {name: median_ms(fn, device, reps) for name, fn in phases.items()}
+    state = sum(t.numel() * t.element_size() for ts in (means, momenta, precisions, u_sums) for t in ts)
+    return times, state
+
+
 def time_adamw(shapes, device, dtype, impl, reps) -> tuple[float, int]:
     params, grads = _make_params(shapes, device, dtype)
     for p, g in zip(params, grads):
@@ -219,7 +250,10 @@ def run_ops(device: torch.device, sizes, layouts, dtype: torch.dtype, backends, 
             rows[f"adamw_{impl}"] = (ms, {}, state, adamw_bytes(numel, P, S))
             if bar: bar.update()
         for backend in backends:
-            phases, state, _ = time_bsam(shapes, device, dtype, backend, reps)
+            if backend == "compiled":
+                phases, state = time_compiled_peer(shapes, device, dtype, reps)
+            else:
+                phases, state, _ = time_bsam(shapes, device, dtype, backend, reps)
             rows[backend] = (sum(phases.values()), phases, state, sum(bsam_bytes(numel, P, S).values()))
             if bar: bar.update()
         fused_ms = rows["adamw_fused"][0]
@@ -342,7 +376,9 @@ def main(argv=None):
     ap.add_argument("--sizes", nargs="+", type=float, default=None, help="parameters per layout")
     ap.add_argument("--layouts", nargs="+", default=None, choices=LAYOUTS)
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
-    ap.add_argument("--backends", nargs="+", default=None, help="bSAM backends (default: all available)")
+    ap.add_argument("--backends", nargs="+", default=None,
+                    help="bSAM backends (default: all available); 'compiled': the torch.compile "
+                         "peer (compiled_peer.py), a row of its own")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--json", help="write the records as a JSON list")
     ap.add_argument("--plot", help="write a PNG of GB/s against parameters")

@@ -45,3 +45,38 @@ def test_cli_writes_json_table_and_plot(tmp_path, capsys):
 def test_cli_refuses_too_few_repetitions():
     with pytest.raises(SystemExit):
         bench.main(["--reps", "5"])
+
+
+def test_the_compiled_peer_computes_the_reference_update():
+    """The peer's phases (run eagerly here; the bench compiles them) give the reference
+    backend's results for the same noise and gradients."""
+    import torch
+    from bsam_fast import BSAM, compiled_peer
+    g = torch.Generator().manual_seed(0)
+    shapes = [(5, 3), (7,)]
+    params = [torch.nn.Parameter(torch.randn(s, generator=g, dtype=torch.float64)) for s in shapes]
+    grads = [[torch.randn(s, generator=g, dtype=torch.float64) for s in shapes] for _ in range(2)]
+    noise = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
+    hyper = dict(lr=0.01, num_data=100, rho=0.05, weight_decay=1e-3, damping=0.1)
+    opt = BSAM(params, **hyper, backend="reference", seed=0)
+    ours = [p.detach().clone() for p in params]
+    means = [p.clone() for p in ours]
+    momenta = [torch.zeros_like(p) for p in ours]
+    precisions = [torch.ones_like(p) for p in ours]
+    u_sums = [torch.zeros_like(p) for p in ours]
+    opt.sample_noise(noise)
+    compiled_peer.sample(ours, means, precisions, 100.0, noise=noise)
+    assert all(torch.equal(a, b) for a, b in zip(params, ours))
+    for p, gr in zip(params, grads[0]):
+        p.grad = gr
+    opt.perturb()
+    compiled_peer.perturb(ours, means, precisions, u_sums, grads[0], 0.05)
+    assert all(torch.equal(a, b) for a, b in zip(params, ours))
+    for p, gr in zip(params, grads[1]):
+        p.grad = gr
+    opt.step()
+    compiled_peer.update(ours, means, momenta, precisions, u_sums, grads[1], 0.01, 0.9, 0.999, 1e-3, 0.1)
+    for p, a, gm, s in zip(params, ours, momenta, precisions):
+        torch.testing.assert_close(a, p.detach(), rtol=0, atol=1e-15)
+        torch.testing.assert_close(gm, opt.state[p]["momentum"], rtol=0, atol=1e-15)
+        torch.testing.assert_close(s, opt.state[p]["precision"], rtol=0, atol=1e-15)
