@@ -40,11 +40,19 @@ def join_process_group(process_group, seed: int, params: Sequence[Tensor]) -> tu
     return group, dist.get_rank(group), dist.get_world_size(group), broadcast_seed(group, seed, device)
 
 
+def _collective_device(group, device: torch.device) -> torch.device:
+    """Where a tensor must be for a collective of the group: NCCL reduces CUDA tensors only
+    (state may be CPU-offloaded), gloo any."""
+    import torch.distributed as dist
+    if dist.get_backend(group) == "nccl" and device.type != "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def broadcast_seed(group, seed: int, device: torch.device) -> int:
     """Rank 0's 64-bit seed, on every rank of the group."""
     import torch.distributed as dist
-    if dist.get_backend(group) == "nccl" and device.type != "cuda":
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = _collective_device(group, device)
     shared = torch.tensor([seed - (1 << 64) if seed >= (1 << 63) else seed], dtype=torch.int64,
                           device=device)
     dist.broadcast(shared, src=dist.get_global_rank(group, 0), group=group)
@@ -63,8 +71,7 @@ def all_reduce_u_and_flags(group, u_sums: Sequence[Tensor], flags: Sequence[Tens
         groups[(t.device, t.dtype)].append(t)
     for tensors in groups.values():        # one per device, unless fp64 meets fp32
         flat = _flatten_dense_tensors(tensors)
-        if dist.get_backend(group) == "nccl" and flat.device.type != "cuda":   # CPU-offloaded state
-            flat = flat.cuda()
+        flat = flat.to(_collective_device(group, flat.device))
         dist.all_reduce(flat, group=group)
         for t, reduced in zip(tensors, _unflatten_dense_tensors(flat, tensors)):
             t.copy_(reduced)
@@ -73,9 +80,7 @@ def all_reduce_u_and_flags(group, u_sums: Sequence[Tensor], flags: Sequence[Tens
 def all_agree(group, ok: bool, device: torch.device) -> bool:
     """True on every rank if `ok` is True on every rank of the group."""
     import torch.distributed as dist
-    if dist.get_backend(group) == "nccl" and device.type != "cuda":
-        device = torch.device("cuda", torch.cuda.current_device())
-    flag = torch.tensor([0.0 if ok else 1.0], device=device)
+    flag = torch.tensor([0.0 if ok else 1.0], device=_collective_device(group, device))
     dist.all_reduce(flag, group=group)
     return flag.item() == 0.0
 

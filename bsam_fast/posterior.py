@@ -64,8 +64,7 @@ class PosteriorMethods:
                     xi = torch.randn(p.shape, generator=generator, dtype=std.dtype,
                                      device=generator.device if generator is not None else shard.device)
                     if sharded.is_sharded(p):
-                        start = sharded.shard_start(p)
-                        xi = xi.reshape(-1)[start:start + shard.numel()].view(shard.shape)
+                        xi = sharded.rows_of(xi, p)
                     shard.copy_(self._mean_of(p) + xi.to(shard.device) * std)
             yield
         finally:

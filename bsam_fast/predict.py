@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from . import sharded
 from .optimizer import BSAM
 
 
@@ -25,23 +26,13 @@ def eval_mode(model: nn.Module):
 
 @torch.no_grad()
 def _probs(model: nn.Module, x: Tensor, batch_size: int) -> Tensor:
-    _reshard(model)
+    # FSDP2 keeps the root module's parameters gathered after a forward pass without
+    # backward: reshard before and after, so that every forward here gathers the shards as
+    # they are (the sample or the mean written into them).
+    sharded.reshard_model(model)
     out = [model(x[i:i + batch_size]).float().softmax(-1) for i in range(0, len(x), batch_size)]
-    _reshard(model)
+    sharded.reshard_model(model)
     return torch.cat(out)
-
-
-def _reshard(model: nn.Module) -> None:
-    """FSDP2 keeps the root module's parameters gathered after a forward pass without
-    backward: reshard before and after, so that every forward here gathers the shards as
-    they are (the sample or the mean written into them)."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:
-        return
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.reshard()
 
 
 @torch.no_grad()

@@ -108,6 +108,15 @@ def reshard(modules) -> None:
         module.reshard()
 
 
+def reshard_model(model) -> None:
+    """Reshard every FSDP2 module of `model` (see ``reshard``; for helpers given the model)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return
+    reshard([m for m in model.modules() if isinstance(m, FSDPModule)])
+
+
 def as_dtensor_like(t: Tensor, p: Tensor) -> Tensor:
     """A local state tensor of parameter p as a DTensor laid out like p (shared storage)."""
     from torch.distributed.tensor import DTensor
@@ -126,10 +135,15 @@ def local_like(t: Tensor, p: Tensor) -> Tensor:
             t = t.redistribute(t.device_mesh, p.placements)
         return local(t)
     if is_sharded(p) and tuple(t.shape) == tuple(p.shape) != tuple(local(p).shape):
-        start = shard_start(p)
-        return t.reshape(-1)[start:start + local(p).numel()].view(local(p).shape)
+        return rows_of(t, p)
     return t
 
 
+def rows_of(full: Tensor, p: Tensor) -> Tensor:
+    """The rows of a tensor of p's full shape that p's local shard holds (a view)."""
+    start, shard = shard_start(p), local(p)
+    return full.reshape(-1)[start:start + shard.numel()].view(shard.shape)
+
+
 __all__ = ["is_sharded", "local", "unsupported_reason", "shard_start", "mesh_group",
-           "owning_modules", "reshard", "as_dtensor_like", "local_like"]
+           "owning_modules", "reshard", "reshard_model", "as_dtensor_like", "local_like", "rows_of"]

@@ -56,6 +56,10 @@ class StepState:
     def in_step(self) -> bool:
         return self.phase != IDLE
 
+    def all_found_flags(self) -> list[Tensor]:
+        """Every inf/NaN flag of the step, noisy then perturbed, device by device."""
+        return [f for kind in ("noisy", "perturbed") for f in self.found[kind].values()]
+
     def found_flag(self, kind: str, device: torch.device) -> Tensor:
         """The float32 inf/NaN flag of `kind` ("noisy", "perturbed") on `device`."""
         flags = self.found[kind]

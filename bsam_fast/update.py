@@ -79,8 +79,7 @@ class UpdatePhase:
                                                [self._state.found_flag("noisy", d) for d in devices])
         elif self._shard_group is not None:
             # FSDP2: each rank checked its own rows; all skip if any found inf/NaN.
-            distributed.all_reduce_u_and_flags(self._shard_group, [], [
-                f for kind in ("noisy", "perturbed") for f in self._state.found[kind].values()])
+            distributed.all_reduce_u_and_flags(self._shard_group, [], self._state.all_found_flags())
         scaler_found = getattr(self, "found_inf", None)
         grad_scale = getattr(self, "grad_scale", None)
         if self._backend.device_side and (self._capturable or self._state.used_scaler
@@ -110,7 +109,7 @@ class UpdatePhase:
         """The update with no host synchronisation (capturable, GradScaler): the inf/NaN
         flags of every device (and the scaler's) are summed into one flag, so the kernels
         skip the step on all devices or on none, and it is counted once."""
-        flags = [f for kind in ("noisy", "perturbed") for f in self._state.found[kind].values()]
+        flags = self._state.all_found_flags()
         if scaler_found is not None:
             flags.append(scaler_found)
         counter = self._state.device_skipped

@@ -221,15 +221,13 @@ def evaluate(trained: Trained, method: str, x: Tensor, y: Tensor, samples: int =
              x_ood: Optional[Tensor] = None) -> dict:
     """Metrics of the method's predictive ("pred") and at the parameters ("mean"; SWAG:
     the SWA mean), each with its probabilities ("probs")."""
-    out = {}
-    for key, fn in (("mean", lambda inputs: predict_mean(trained.model, inputs)),
-                    ("pred", lambda inputs: predictive(trained, method, inputs, samples, seed))):
-        if key == "pred" and method not in SAMPLED + ("laplace",):
-            out["pred"] = out["mean"]
-            continue
-        probs = fn(x)
-        out[key] = metrics.all_metrics(probs, y)
+    def scored(predict) -> dict:
+        probs = predict(x)
+        out = metrics.all_metrics(probs, y)
         if x_ood is not None:
-            out[key]["ood_auroc"] = metrics.ood_auroc(probs, fn(x_ood))
-        out[key]["probs"] = probs
-    return out
+            out["ood_auroc"] = metrics.ood_auroc(probs, predict(x_ood))
+        return {**out, "probs": probs}
+    mean = scored(lambda inputs: predict_mean(trained.model, inputs))
+    if method not in SAMPLED + ("laplace",):           # the predictive is the mean's
+        return {"mean": mean, "pred": mean}
+    return {"mean": mean, "pred": scored(lambda inputs: predictive(trained, method, inputs, samples, seed))}
