@@ -7,18 +7,17 @@ its own shard (m local parts); perturbed gradients are averaged by DDP, u by BSA
 Rank 0 prints test accuracy and NLL at the mean and of the posterior predictive.
 """
 import argparse
-import gc
-import os
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from bsam_fast import BSAM, split_batch
+from bsam_fast import BSAM
 from bsam_fast.demo import load_digits_split
 from bsam_fast.distributed import ddp_step
+from torchrun_setup import (destroy_process_group, init_process_group, local_batch_size,
+                            print_scores, rank_parts)
 
 
 def main():
@@ -29,30 +28,19 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
-    use_cuda = torch.cuda.is_available() and torch.cuda.device_count() >= int(os.environ.get("WORLD_SIZE", 1))
-    dist.init_process_group("nccl" if use_cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    torch.set_num_threads(1)
+    rank, world, device = init_process_group()
 
     x_tr, y_tr, x_te, y_te = load_digits_split(args.seed)
     torch.manual_seed(args.seed)                                # same initial weights everywhere
     net = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10)).to(device)
-    model = DDP(net, device_ids=[device.index] if use_cuda else None)
+    model = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
     n = len(x_tr)
     opt = BSAM(model.parameters(), lr=0.1, num_data=n, rho=0.01, weight_decay=10.0 / n,
                seed=args.seed, process_group=True)
-    local = args.batch // world
-    if local % args.m:
-        raise SystemExit(f"--batch/{world} ranks = {local} is not divisible into m={args.m} parts")
+    local = local_batch_size(args.batch, world, args.m)
     g = torch.Generator().manual_seed(args.seed)
     for epoch in range(args.epochs):
-        perm = torch.randperm(n, generator=g)                  # same permutation on every rank
-        for i in range(0, n - args.batch + 1, args.batch):
-            idx = perm[i + rank * local: i + (rank + 1) * local]
-            parts = split_batch(x_tr[idx].to(device), y_tr[idx].to(device), m=args.m)
+        for parts in rank_parts(x_tr, y_tr, args.batch, local, args.m, g, device):
             loss = ddp_step(model, opt, lambda k: F.cross_entropy(model(parts[k][0]), parts[k][1]), args.m)
         if rank == 0 and (epoch + 1) % 5 == 0:
             print(f"epoch {epoch + 1}: loss at perturbed points {loss.item():.4f}")
@@ -65,17 +53,10 @@ def main():
             for _ in range(32):
                 with opt.sampled_params(generator=sampler):
                     probs += net(x_te).softmax(1) / 32
-        for name, p in (("mean", at_mean), ("posterior predictive (32 samples)", probs)):
-            acc = (p.argmax(1) == y_te).float().mean().item()
-            nll = F.nll_loss(p.clamp_min(1e-12).log(), y_te).item()
-            print(f"{name}: accuracy {acc:.4f}, NLL {nll:.4f}")
+        print_scores({"mean": at_mean, "posterior predictive (32 samples)": probs}, y_te)
         print(f"world size {world}, {args.m} local parts per rank, backend {opt.backend}")
 
 
 if __name__ == "__main__":
     main()
-    # The DDP model (its reducer) gone and every rank here before the process group goes:
-    # otherwise the process can abort at exit.
-    gc.collect()
-    dist.barrier()
-    dist.destroy_process_group()
+    destroy_process_group()

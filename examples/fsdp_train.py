@@ -10,8 +10,6 @@ per global part with --parts > 1). Prints, per rank, the bytes of optimizer stat
 mean and of the posterior predictive.
 """
 import argparse
-import gc
-import os
 
 import torch
 import torch.distributed as dist
@@ -19,9 +17,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.fsdp import fully_shard
 
-from bsam_fast import BSAM, split_batch
+from bsam_fast import BSAM
 from bsam_fast.demo import load_digits_split
 from bsam_fast.predict import predict_bma, predict_mean
+from torchrun_setup import (destroy_process_group, init_process_group, local_batch_size,
+                            print_scores, rank_parts)
 
 
 def report_memory(net, opt, world, device):
@@ -46,13 +46,7 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
-    use_cuda = torch.cuda.is_available() and torch.cuda.device_count() >= int(os.environ.get("WORLD_SIZE", 1))
-    dist.init_process_group("nccl" if use_cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    torch.set_num_threads(1)
+    rank, world, device = init_process_group()
 
     x_tr, y_tr, x_te, y_te = load_digits_split(args.seed)
     torch.manual_seed(args.seed)                                # same initial weights everywhere
@@ -64,16 +58,10 @@ def main():
     fully_shard(net)
     n = len(x_tr)
     opt = BSAM(net.parameters(), lr=0.1, num_data=n, rho=0.01, weight_decay=10.0 / n, seed=args.seed)
-    local = args.batch // world
-    if local % args.m:
-        raise SystemExit(f"--batch/{world} ranks = {local} is not divisible into m={args.m} parts")
+    local = local_batch_size(args.batch, world, args.m)
     g = torch.Generator().manual_seed(args.seed)
     for epoch in range(args.epochs):
-        perm = torch.randperm(n, generator=g)                  # same permutation on every rank
-        for i in range(0, n - args.batch + 1, args.batch):
-            idx = perm[i + rank * local: i + (rank + 1) * local]
-            parts = split_batch(x_tr[idx].to(device), y_tr[idx].to(device), m=args.m)
-
+        for parts in rank_parts(x_tr, y_tr, args.batch, local, args.m, g, device):
             def closure(k):
                 opt.zero_grad()
                 loss = F.cross_entropy(net(parts[k][0]), parts[k][1])
@@ -89,17 +77,10 @@ def main():
     sampler = torch.Generator(device=device).manual_seed(args.seed)   # alike on every rank
     bma = predict_bma(net, opt, x_te, samples=32, generator=sampler)
     if rank == 0:
-        for name, p in (("mean", at_mean), ("posterior predictive (32 samples)", bma)):
-            acc = (p.argmax(1) == y_te).float().mean().item()
-            nll = F.nll_loss(p.clamp_min(1e-12).log(), y_te).item()
-            print(f"{name}: accuracy {acc:.4f}, NLL {nll:.4f}")
+        print_scores({"mean": at_mean, "posterior predictive (32 samples)": bma}, y_te)
         print(f"world size {world}, {args.m} parts per rank, backend {opt.backend}")
 
 
 if __name__ == "__main__":
     main()
-    # The model and optimizer (and FSDP2's state with them) gone and every rank here before
-    # the process group goes: otherwise the process can abort at exit.
-    gc.collect()
-    dist.barrier()
-    dist.destroy_process_group()
+    destroy_process_group()
