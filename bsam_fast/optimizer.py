@@ -77,10 +77,6 @@ def _normalised(state_dict: dict, params: list[Tensor]) -> dict:
     return out
 
 
-def _shard_start(p: Tensor) -> int:
-    return sharded.shard_start(p) if sharded.is_sharded(p) else 0
-
-
 class BSAM(TensorState, StepGradients, UpdatePhase, PosteriorMethods, Optimizer):
     r"""Bayesian-SAM (Möllenhoff & Khan, ICLR 2023): SAM as an optimal relaxation of Bayes.
 
@@ -176,7 +172,7 @@ class BSAM(TensorState, StepGradients, UpdatePhase, PosteriorMethods, Optimizer)
             if hasattr(self, "_shard_group") and sharded.mesh_group(self._params()) is not self._shard_group:
                 raise ValueError("FSDP2-sharded parameters join a BSAM at construction (its mesh, seed "
                                  "and shared flags are set up there), all on one mesh")
-            starts = [_shard_start(p) for p in group["params"]]
+            starts = [sharded.shard_start(p) for p in group["params"]]
         except Exception:
             self.param_groups.pop()
             raise
@@ -184,7 +180,7 @@ class BSAM(TensorState, StepGradients, UpdatePhase, PosteriorMethods, Optimizer)
         # that a wrapper's copy of this optimizer's __dict__ cannot hold a stale end). It
         # is laid out over whole tensors (an FSDP2 parameter's numel is the full tensor's);
         # a shard's base is where its first element lies.
-        end = max((base - _shard_start(p) + (p.numel() + 3) // 4 * 4
+        end = max((base - sharded.shard_start(p) + (p.numel() + 3) // 4 * 4
                    for p, base in self._noise_base.items()), default=0)
         for p, base, start in zip(group["params"], noise_bases([p.numel() for p in group["params"]]), starts):
             self._noise_base[p] = end + base + start
@@ -393,8 +389,7 @@ class BSAM(TensorState, StepGradients, UpdatePhase, PosteriorMethods, Optimizer)
         if self._state.phase != IDLE:
             raise RuntimeError("step(closure) called between sample_noise() and perturb()")
         if hasattr(self, "grad_scale") or hasattr(self, "found_inf"):
-            self.__dict__.pop("grad_scale", None)     # GradScaler removes them only on success
-            self.__dict__.pop("found_inf", None)
+            self._forget_scaler_step()
             raise RuntimeError("GradScaler.step(optimizer, closure) cannot drive a bSAM step (the "
                                "scaler checks the gradients before the closure makes them); use "
                                "the phase API: sample_noise(), backward, perturb(grad_scaler="

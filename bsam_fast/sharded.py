@@ -54,7 +54,10 @@ def unsupported_reason(p: Tensor) -> Optional[str]:
 
 
 def shard_start(p: Tensor) -> int:
-    """Index, in the full tensor (row-major), of the local shard's first element."""
+    """Index, in the full tensor (row-major), of the local shard's first element (0 for a
+    plain tensor: it is whole)."""
+    if not is_sharded(p):
+        return 0
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
     local_shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
     if tuple(local_shape) != tuple(local(p).shape):

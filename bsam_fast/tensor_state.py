@@ -39,7 +39,9 @@ class TensorState:
                 state["momentum"].zero_()             # in place: a loader may hold them
                 s.fill_(group["s_init"])
                 if dtype != p.dtype:
-                    state.setdefault("mean", torch.empty_like(s)).copy_(shard)
+                    if "mean" not in state:
+                        state["mean"] = torch.empty_like(s)
+                    state["mean"].copy_(shard)
                 else:
                     state.pop("mean", None)
                 return state

@@ -57,11 +57,14 @@ class UpdatePhase:
             self._check_and_update(grads)
         except BaseException:
             self.cancel_step()
-            # GradScaler.step() removes these only when step() returns: a later step must
-            # not read them.
-            self.__dict__.pop("grad_scale", None)
-            self.__dict__.pop("found_inf", None)
+            self._forget_scaler_step()
             raise
+
+    def _forget_scaler_step(self) -> None:
+        """Drop the grad_scale/found_inf that GradScaler.step() set on the optimizer: the
+        scaler removes them only when step() returns, and a later step must not read them."""
+        self.__dict__.pop("grad_scale", None)
+        self.__dict__.pop("found_inf", None)
 
     def _check_and_update(self, grads: dict[int, Tensor]) -> None:
         m = self._state.parts
