@@ -62,10 +62,14 @@ def reliability(probs: Tensor, y: Tensor, bins: int = ECE_BINS) -> dict:
 
 def ece(probs: Tensor, y: Tensor, bins: int = ECE_BINS) -> float:
     """Expected calibration error: sum_b (n_b / N) |accuracy_b - confidence_b|."""
-    r = reliability(probs, y, bins)
-    filled = r["count"] > 0
-    gaps = (r["accuracy"][filled] - r["confidence"][filled]).abs()
-    return (r["count"][filled] / r["count"].sum() * gaps).sum().item()
+    return ece_of(reliability(probs, y, bins))
+
+
+def ece_of(r: dict) -> float:
+    """The ECE of a ``reliability()`` (tensors or lists)."""
+    count, acc, conf = (torch.as_tensor(r[k], dtype=torch.float64) for k in ("count", "accuracy", "confidence"))
+    filled = count > 0
+    return (count[filled] / count.sum() * (acc[filled] - conf[filled]).abs()).sum().item()
 
 
 def auroc(scores: Tensor, positive: Tensor) -> float:
@@ -116,18 +120,25 @@ def all_metrics(probs: Tensor, y: Tensor) -> dict:
 
 def reliability_diagram(probs_by_name: dict, y: Tensor, path: str, bins: int = ECE_BINS) -> None:
     """PNG: accuracy against confidence per bin, one panel per method."""
+    reliability_diagram_of({name: reliability(probs, y, bins) for name, probs in probs_by_name.items()}, path)
+
+
+def reliability_diagram_of(reliabilities: dict, path: str) -> None:
+    """PNG: one panel per method from its ``reliability()`` (tensors or lists), with its ECE."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    n = len(probs_by_name)
+    n = len(reliabilities)
     fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.3), squeeze=False)
-    for ax, (name, probs) in zip(axes[0], probs_by_name.items()):
-        r = reliability(probs, y, bins)
+    for ax, (name, r) in zip(axes[0], reliabilities.items()):
+        ece_value = ece_of(r)
+        r = {k: torch.as_tensor(v, dtype=torch.float64) for k, v in r.items()}
+        bins = len(r["count"])
         centers = ((r["edges"][:-1] + r["edges"][1:]) / 2).numpy()
         acc = torch.nan_to_num(r["accuracy"], nan=0.0).numpy()
         ax.bar(centers, acc, width=1 / bins, edgecolor="k", linewidth=0.4, label="accuracy")
         ax.plot([0, 1], [0, 1], "r--", linewidth=1, label="perfect calibration")
-        ax.set_title(f"{name}\nECE {ece(probs, y, bins):.4f}", fontsize=9)
+        ax.set_title(f"{name}\nECE {ece_value:.4f}", fontsize=9)
         ax.set_xlabel("confidence")
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)

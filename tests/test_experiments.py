@@ -21,7 +21,7 @@ def test_tune_then_table_on_digits(tmp_path):
         assert len(trials) == 2
         best = max(t["val"]["accuracy"] for t in trials)
         assert tuned["selected"][method]["val"]["accuracy"] == best
-    assert {t["hparams"]["m"] for t in tuned["trials"]["bsam_nonoise"]} == {1, 8}    # m = 8 runs too
+    assert {t["hparams"]["m"] for t in tuned["trials"]["bsam_nonoise"]} == {8}       # the authors' m
     results = experiments.main(["table", "--dataset", "digits", "--model", "mlp", "--epochs", "1", "--batch", "32",
                                 "--train-subset", "320", "--samples", "2", "--seeds", "0", "1",
                                 "--sample-counts", "1", "2", "--tuned", str(tmp_path / "tuned.json"),
@@ -40,13 +40,82 @@ def test_tune_then_table_on_digits(tmp_path):
     assert (tmp_path / "reliability.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_grids_are_the_same_size_for_every_method():
+def test_grids_are_the_same_size_for_every_method_and_hold_the_published_region():
     from bsam_fast.experiments.tuning import GRID_SIZE, grid
     for method in METHODS + ABLATIONS:
-        g = grid(method)
-        assert len(g) == GRID_SIZE and len({tuple(sorted(c.items())) for c in g}) == GRID_SIZE
+        for shift in (-1, 0, 2):
+            g = grid(method, shift=shift)
+            assert len(g) == GRID_SIZE and len({tuple(sorted(c.items())) for c in g}) == GRID_SIZE
         if method in ("sam_sgd", "sam_adam", "bsam", "bsam_nonoise"):
-            assert {c["m"] for c in g} == {1, 8}
+            assert {c["m"] for c in g} == {8}
+        assert {c["prior_precision"] for c in grid(method)} == {1.0, 25.0}
+    bsam = grid("bsam")        # the bSAM authors': lr 0.25-0.5, rho 0.01-0.1, prior precision 25 (digits: 1)
+    assert {0.25, 0.5} <= {c["lr"] for c in bsam} and {c["rho"] for c in bsam} <= {0.01, 0.05, 0.1}
+    assert {c["hess_init"] for c in grid("ivon")} == {0.1, 0.5}
+
+
+def _fake_tune(monkeypatch, best_lr, methods=("bsam",)):
+    """tune() with training replaced by a score that peaks at best_lr; returns (result, calls)."""
+    import math
+    import types
+    from bsam_fast.experiments import tuning
+    calls = []
+
+    def fake_train(model, cfg, *a, **k):
+        calls.append(cfg.hparams["lr"])
+        return types.SimpleNamespace(lr=cfg.hparams["lr"], ms_per_step=1.0)
+
+    def fake_evaluate(trained, *a, **k):
+        score = -abs(math.log(trained.lr / best_lr))
+        return {"pred": {"accuracy": score, "nll": -score}}
+    monkeypatch.setattr(tuning, "train", fake_train)
+    monkeypatch.setattr(tuning, "evaluate", fake_evaluate)
+    monkeypatch.setattr(tuning, "time_steps", lambda *a, **k: 1.0)
+    import torch
+    x, y = torch.randn(40, 3), torch.randint(0, 2, (40,))
+    return tuning.tune(x, y, list(methods), lambda: None, epochs=1, batch=8, warmup_epochs=0,
+                       log=lambda *_: None), calls
+
+
+def test_a_selection_at_a_grid_edge_shifts_the_axis_until_it_is_inside(monkeypatch):
+    from bsam_fast.experiments.tuning import GRID_SIZE, lr_axis
+    result, calls = _fake_tune(monkeypatch, best_lr=4.0)         # past the top of bSAM's 0.125-1.0
+    assert result["lr_shift"]["bsam"] == 3 and not result["at_edge"]["bsam"]
+    assert result["selected"]["bsam"]["hparams"]["lr"] == 4.0 and 4.0 in lr_axis("bsam", 3)[1:-1]
+    assert len(result["grids"]["bsam"]) == GRID_SIZE
+    assert len(calls) == GRID_SIZE + 3 * 4        # each shift runs one new lr (x 2 rho x 2 prior precisions)
+    result, _ = _fake_tune(monkeypatch, best_lr=1e3)             # too far: stops, says so
+    assert result["at_edge"]["bsam"] and result["lr_shift"]["bsam"] == 3
+    result, calls = _fake_tune(monkeypatch, best_lr=0.3)         # inside: no shift
+    assert result["lr_shift"]["bsam"] == 0 and len(calls) == GRID_SIZE
+
+
+def test_tune_and_table_resume_from_the_runs_that_finished(tmp_path, monkeypatch):
+    """A second call with the same arguments trains nothing; one whose run was lost (an
+    interrupted run leaves no record) trains only that run, and the results are the same."""
+    from bsam_fast.experiments import table, tuning
+    tune_args = ["tune", "--dataset", "digits", "--model", "mlp", "--epochs", "1", "--batch", "32",
+                 "--train-subset", "160", "--samples", "2", "--quick", "--methods", "adam", "bsam",
+                 "--out", str(tmp_path), "--no-progress"]
+    first = experiments.main(tune_args)
+    runs = sorted((tmp_path / "runs").glob("*.json"))
+    assert len(runs) == 4
+    trained = []
+    real_train = tuning.train
+    monkeypatch.setattr(tuning, "train", lambda *a, **k: trained.append(1) or real_train(*a, **k))
+    runs[0].unlink()
+    second = experiments.main(tune_args)
+    assert len(trained) == 1 and second["selected"] == first["selected"]
+    table_args = ["table", "--dataset", "digits", "--train-subset", "160", "--samples", "2", "--seeds", "0", "1",
+                  "--sample-counts", "1", "--tuned", str(tmp_path / "tuned.json"), "--out", str(tmp_path / "t"),
+                  "--no-progress"]
+    results = experiments.main(table_args)
+    assert len(list((tmp_path / "t" / "runs").glob("*.json"))) == 4
+    for r in results.values():
+        assert all(len(c) == 1 for c in r["curve_test_nll_at_mean"])       # one epoch, one point
+    monkeypatch.setattr(table, "train", lambda *a, **k: pytest.fail("trained again"))
+    assert experiments.main(table_args) == results
+    assert (tmp_path / "t" / "convergence.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_bsam_without_noise_takes_both_gradients_at_the_mean():

@@ -27,11 +27,11 @@ def _need(package: str, pip_name: str):
                           "(laplace-torch with --no-deps next to a CPU torch; see .ci/setup)") from exc
 
 
-def make_ivon(params, lr: float, num_data: int, prior_precision: float):
-    """IVON with its defaults (hess_init 1, beta2 0.99999), ess = N and weight decay
-    delta = prior precision / N, as bSAM's: posterior N(m, 1/(N (h + delta)))."""
+def make_ivon(params, lr: float, num_data: int, prior_precision: float, hess_init: float = 1.0):
+    """IVON (beta2 0.99999, its default) with ess = N and weight decay delta = prior
+    precision / N, as bSAM's: posterior N(m, 1/(N (h + delta))), h starting at hess_init."""
     ivon = _need("ivon", "ivon-opt")
-    return ivon.IVON(params, lr=lr, ess=num_data, weight_decay=prior_precision / num_data)
+    return ivon.IVON(params, lr=lr, ess=num_data, weight_decay=prior_precision / num_data, hess_init=hess_init)
 
 
 class SWAG:

@@ -125,3 +125,9 @@ def load(name: str, split: str = "train", root: Optional[str] = None):
             raise DatasetNotFound(f"{name}: give the folder of the python-pickle data set (--data-root)")
         return load_cifar(root, split, classes=int(name[5:]))
     raise ValueError(f"unknown data set {name!r}; expected digits, mnist, fashion_mnist, cifar10, cifar100")
+
+
+def load_train(name: str, subset: int = 0, root: Optional[str] = None):
+    """The training split of `name`, or its first `subset` examples when subset > 0."""
+    x, y = load(name, "train", root)
+    return (x[:subset], y[:subset]) if subset else (x, y)

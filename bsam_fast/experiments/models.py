@@ -141,3 +141,10 @@ def make_model(name: str, **kwargs) -> nn.Module:
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; expected one of {sorted(MODELS)}")
     return MODELS[name](**kwargs)
+
+
+def model_for(name: str, x) -> nn.Module:
+    """The named model, sized for inputs like x (the MLP takes any flattened size)."""
+    if name == "mlp":
+        return make_model(name, in_features=x[0].numel())
+    return make_model(name, in_channels=x.shape[1])

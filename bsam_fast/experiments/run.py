@@ -1,17 +1,18 @@
 """The paper's experiments on offline data, one command each (results and figures go to --out):
 
-    python -m bsam_fast.experiments tune  --dataset mnist --model mlp --epochs 3 --train-subset 10000
-    python -m bsam_fast.experiments table --dataset mnist --model mlp --tuned results/mnist_mlp/tuned.json
+    python -m bsam_fast.experiments tune  --dataset mnist --model mlp --epochs 10 --train-subset 12000
+    python -m bsam_fast.experiments table --dataset mnist --model mlp --tuned results/mnist_mlp/tuned.json --epochs 30
     python -m bsam_fast.experiments toy2d        # exact posterior vs bSAM vs SAM vs Laplace
     python -m bsam_fast.experiments moons        # predictive uncertainty, SAM vs bSAM
     python -m bsam_fast.experiments rho          # sensitivity to rho, SAM-Adam vs bSAM
 
 `tune` runs the same-size grid of every method on a validation split (``tuning.py``) and
-writes tuned.json; `table` trains each method with its selected hyperparameters on the
+writes tuned.json; `table` (``table.py``) trains each method with its selected hyperparameters on the
 whole training set, with several seeds, with the same loop (``training.py``), and writes a
 markdown table of mean +- std of accuracy, NLL, ECE (20 bins), misclassification AUROC,
 Brier score, OOD AUROC (MNIST vs Fashion-MNIST and back) and time per step, with bSAM's
-predictive for 1, 8, 32, 64 samples.
+predictive for 1, 8, 32, 64 samples. Both store every finished run under <out>/runs and,
+restarted with the same arguments, run only what is missing.
 """
 from __future__ import annotations
 
@@ -24,17 +25,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import metrics
 from . import data
 from .baselines import SAM
-from .models import make_model
+from .models import model_for
 from ..optimizer import BSAM
-from .training import ABLATIONS, DEFAULTS, METHODS, Config, evaluate, predictive, train
-from .tuning import config_from, run_tune
-
-OOD_PARTNER = {"mnist": "fashion_mnist", "fashion_mnist": "mnist"}
-LABELS = {"sgd": "SGD", "adam": "Adam", "sam_sgd": "SAM-SGD", "sam_adam": "SAM-Adam", "bsam": "bSAM",
-          "ivon": "IVON", "swag": "SWAG", "laplace": "Laplace (at SGD)", "bsam_nonoise": "bSAM without noise"}
+from .table import LABELS, resolve_budget, run_table, write_table
+from .training import ABLATIONS, METHODS, Config, evaluate, predictive, train
+from .tuning import run_tune
 
 
 def _pyplot():
@@ -54,162 +51,6 @@ def _report(summary: dict, json_path: str, figure_path: str) -> dict:
 
 def _json_safe(d):
     return {k: v for k, v in d.items() if k != "probs"}
-
-
-def _load_train(args):
-    x_tr, y_tr = data.load(args.dataset, "train", args.data_root)
-    if args.train_subset:
-        x_tr, y_tr = x_tr[:args.train_subset], y_tr[:args.train_subset]
-    return x_tr, y_tr
-
-
-METRIC_KEYS = ("accuracy", "nll", "ece", "auroc", "brier", "ood_auroc")
-
-
-def _mean_std(values: list[float]) -> dict:
-    """Mean and std over the seeds whose value is finite (n of them; a diverged run, or an
-    undefined AUROC, is left out and shows in n and runs)."""
-    t = torch.tensor(values, dtype=torch.float64)
-    ok = t[torch.isfinite(t)]
-    return {"mean": ok.mean().item() if len(ok) else math.nan,
-            "std": ok.std().item() if len(ok) > 1 else 0.0, "n": len(ok), "runs": values}
-
-
-def run_table(args) -> dict:
-    """Each method with its tuned hyperparameters (``--tuned tuned.json``, else the
-    defaults), trained on the whole training set with every seed; mean +- std."""
-    os.makedirs(args.out, exist_ok=True)
-    x_tr, y_tr = _load_train(args)
-    x_te, y_te = data.load(args.dataset, "test", args.data_root)
-    x_ood = None
-    if args.dataset in OOD_PARTNER:
-        try:
-            x_ood = data.load(OOD_PARTNER[args.dataset], "test")[0]
-        except data.DatasetNotFound as exc:
-            print(f"(no OOD AUROC: {exc})")
-    tuned = None
-    if args.tuned:
-        with open(args.tuned) as f:
-            tuned = json.load(f)
-        given = [flag for flag, value in (("--lr", args.lr), ("--rho", args.rho), ("--set", args.set),
-                                          ("--m", args.m), ("--prior-precision", args.prior_precision))
-                 if value is not None]
-        if given:
-            raise SystemExit(f"--tuned sets the hyperparameters: {', '.join(given)} would be ignored")
-    _resolve_budget(args, tuned["protocol"] if tuned else {})
-    methods = args.methods or (list(tuned["selected"]) if tuned else list(METHODS))
-    results, probs_for_plot = {}, {}
-    for method in methods:
-        if tuned is not None and method not in tuned["selected"]:
-            raise SystemExit(f"--tuned {args.tuned} has no selection for {method}")
-        choice = tuned["selected"][method]["hparams"] if tuned else \
-            {"prior_precision": 10.0 if args.prior_precision is None else args.prior_precision,
-             "m": 1 if args.m is None else args.m, **_hparams(args, method)}
-        runs = {"pred": [], "mean": [], "ms_per_step": [], "samples": {}}
-        for seed in args.seeds:
-            cfg = config_from(method, choice, epochs=args.epochs,
-                              batch=args.batch, seed=seed, backend=args.backend, warmup_epochs=args.warmup_epochs)
-            torch.manual_seed(seed)
-            trained = train(_model_for(args.model, x_tr), cfg, x_tr, y_tr, progress=not args.no_progress,
-                            desc=f"{LABELS[method]} seed {seed}")
-            res = evaluate(trained, method, x_te, y_te, samples=args.samples, seed=seed, x_ood=x_ood)
-            runs["pred"].append(_json_safe(res["pred"]))
-            runs["mean"].append(_json_safe(res["mean"]))
-            runs["ms_per_step"].append(trained.ms_per_step)
-            if method in ("bsam", "bsam_nonoise") and args.sample_counts:
-                for s in args.sample_counts:       # the paper's Table 4: samples in the predictive
-                    probs = predictive(trained, method, x_te, samples=s, seed=seed)
-                    runs["samples"].setdefault(str(s), []).append(metrics.all_metrics(probs, y_te))
-            if seed == args.seeds[0]:
-                probs_for_plot[LABELS[method]] = res["pred"]["probs"]
-            print(f"{LABELS[method]} seed {seed}: acc {res['pred']['accuracy']:.4f} nll {res['pred']['nll']:.4f} "
-                  f"({trained.ms_per_step:.1f} ms/step)", flush=True)
-        results[method] = {"hparams": choice, "ms_per_step": _mean_std(runs["ms_per_step"]),
-                           **{kind: {k: _mean_std([r[k] for r in runs[kind]]) for k in METRIC_KEYS
-                                     if k in runs[kind][0]} for kind in ("pred", "mean")},
-                           "samples": {s: {k: _mean_std([r[k] for r in rs]) for k in rs[0]}
-                                       for s, rs in runs["samples"].items()}}
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"args": vars(args), "train_examples": len(x_tr), "results": results}, f, indent=1)
-    print(write_table(args.out))
-    metrics.reliability_diagram(probs_for_plot, y_te, os.path.join(args.out, "reliability.png"))
-    return results
-
-
-def _resolve_budget(args, protocol: dict) -> None:
-    """Epochs, batch and warm-up: as given, else the tuner's (--tuned), else the defaults."""
-    for name, default in (("epochs", 5), ("batch", 128), ("warmup_epochs", 1.0)):
-        if hasattr(args, name) and getattr(args, name) is None:
-            setattr(args, name, protocol.get(name, default))
-
-
-def write_table(folder: str) -> str:
-    """table.md of a table run, from its results.json: the metrics (mean ± std over the
-    seeds) and bSAM's predictive with 1, 8, 32, 64 samples (the paper's Table 4)."""
-    with open(os.path.join(folder, "results.json")) as f:
-        saved = json.load(f)
-    args, results = saved["args"], saved["results"]
-    ood = any("ood_auroc" in r["pred"] for r in results.values())
-    header = (f"{args['dataset']} / {args['model']}: {saved.get('train_examples', '?')} training examples, "
-              f"{args['epochs']} epochs (warm-up {args['warmup_epochs']}), batch {args['batch']}, seeds "
-              f"{args['seeds']}, {args['samples']} samples in the sampled predictives; hyperparameters "
-              f"{'from ' + args['tuned'] if args.get('tuned') else 'defaults'}")
-    text = header + "\n\n" + _markdown_table(results, ood)
-    samples = {m: r["samples"] for m, r in results.items() if r.get("samples")}
-    if samples:
-        lines = ["| method | samples | accuracy (%) | NLL | ECE |", "|---|---|---|---|---|"]
-        for method, by_count in samples.items():
-            for count, stats in by_count.items():
-                lines.append(f"| {LABELS[method]} | {count} | {_cell(stats['accuracy'], 100.0)} | "
-                             f"{_cell(stats['nll'])} | {_cell(stats['ece'])} |")
-        text += "\n\nPosterior samples in the predictive:\n\n" + "\n".join(lines)
-    with open(os.path.join(folder, "table.md"), "w") as f:
-        f.write(text + "\n")
-    return text
-
-
-def _cell(stat: dict, scale: float = 1.0) -> str:
-    digits = 2 if scale > 1 else 4
-    return f"{scale * stat['mean']:.{digits}f} ± {scale * stat['std']:.{digits}f}"
-
-
-def _markdown_table(results: dict, ood: bool) -> str:
-    keys = ["accuracy", "nll", "ece", "auroc", "brier"] + (["ood_auroc"] if ood else [])
-    names = {"accuracy": "accuracy (%)", "nll": "NLL", "ece": "ECE", "auroc": "AUROC", "brier": "Brier",
-             "ood_auroc": "OOD AUROC"}
-    head = "| method | " + " | ".join(names[k] for k in keys) + " | ms/step |"
-    lines = [head, "|" + "---|" * (len(keys) + 2)]
-    for method, r in results.items():
-        rows = [(LABELS[method], r["pred"])]
-        if method in ("bsam", "bsam_nonoise", "swag", "ivon"):
-            rows.append((f"{LABELS[method]} at mean", r["mean"]))
-        ms = r["ms_per_step"]
-        for name, stats in rows:
-            cells = [_cell(stats[k], 100.0 if k == "accuracy" else 1.0) for k in keys]
-            lines.append(f"| {name} | " + " | ".join(cells) + f" | {ms['mean']:.1f} ± {ms['std']:.1f} |")
-    return "\n".join(lines)
-
-
-def _model_for(name: str, x) -> nn.Module:
-    """The named model, sized for inputs like x (the MLP takes any flattened size)."""
-    if name == "mlp":
-        return make_model(name, in_features=x[0].numel())
-    return make_model(name, in_channels=x.shape[1])
-
-
-def _hparams(args, method) -> dict:
-    hp = {}
-    if args.lr is not None:
-        hp["lr"] = args.lr
-    if args.rho is not None and "rho" in DEFAULTS[method]:
-        hp["rho"] = args.rho
-    for item in args.set or []:              # --set bsam.lr=0.2
-        key, value = item.split("=", 1)
-        m, name = key.split(".", 1)
-        if m == method:
-            hp[name] = float(value)
-    return hp
-
 
 # ------------------------------------------------------------------ toy 2-D logistic regression
 def _toy_data(n=60, seed=0):
@@ -342,7 +183,7 @@ def run_moons(args):
 def run_rho(args):
     plt = _pyplot()
     os.makedirs(args.out, exist_ok=True)
-    x_tr, y_tr = _load_train(args)
+    x_tr, y_tr = data.load_train(args.dataset, args.train_subset, args.data_root)
     x_te, y_te = data.load(args.dataset, "test", args.data_root)
     rhos = args.rhos
     curves = {}
@@ -350,7 +191,7 @@ def run_rho(args):
         curves[method] = []
         for rho in rhos:
             torch.manual_seed(args.seed)
-            model = _model_for(args.model, x_tr)
+            model = model_for(args.model, x_tr)
             cfg = Config(method=method, epochs=args.epochs, batch=args.batch, prior_precision=args.prior_precision,
                          seed=args.seed, backend=args.backend, hparams={"rho": rho})
             trained = train(model, cfg, x_tr, y_tr, progress=not args.no_progress,
@@ -404,6 +245,8 @@ def main(argv=None):
     tu.add_argument("--methods", nargs="+", default=all_methods, choices=all_methods)
     tu.add_argument("--val-fraction", type=float, default=0.1)
     tu.add_argument("--quick", action="store_true", help="2 configurations per method (smoke test)")
+    tu.add_argument("--max-shifts", type=int, default=3,
+                    help="how many times a learning-rate axis may move away from an edge selection")
     t = sub.add_parser("table", parents=[common, data_args], help="metric table, tuned methods, several seeds")
     t.add_argument("--tuned", default=None, help="tuned.json written by `tune` (else the defaults)")
     t.add_argument("--methods", nargs="+", default=None, choices=all_methods)
@@ -433,7 +276,7 @@ def main(argv=None):
     if args.experiment != "table":
         if args.prior_precision is None:     # (not set_defaults: it would change the shared option)
             args.prior_precision = 1.0 if args.experiment == "moons" else 10.0
-        _resolve_budget(args, {})
+        resolve_budget(args, {})
     if args.out is None:
         args.out = os.path.join("results", args.experiment if args.experiment not in ("table", "tune")
                                 else f"{args.dataset}_{args.model}")

@@ -40,7 +40,7 @@ DEFAULTS = {
     "sam_adam": dict(lr=1e-3, rho=0.05),
     "bsam": dict(lr=0.1, rho=0.01, damping=0.1, s_init=1.0),
     "bsam_nonoise": dict(lr=0.1, rho=0.01, damping=0.1, s_init=1.0),
-    "ivon": dict(lr=0.1),
+    "ivon": dict(lr=0.1, hess_init=0.5),
     # SWAG: SGD, the schedule reaching swa_lr_ratio * lr at 3/4 of training, constant after,
     # where `snapshots` iterates are collected (rank: the last 10 deviations).
     "swag": dict(lr=0.05, momentum=0.9, swa_lr_ratio=0.1, snapshots=20, rank=10),
@@ -89,7 +89,7 @@ def make_optimizer(cfg: Config, model: nn.Module, num_data: int) -> torch.optim.
     if cfg.method == "sam_adam":
         return SAM(params, torch.optim.Adam, rho=hp["rho"], lr=hp["lr"], weight_decay=wd)
     if cfg.method == "ivon":
-        return bayes_baselines.make_ivon(params, hp["lr"], num_data, cfg.prior_precision)
+        return bayes_baselines.make_ivon(params, hp["lr"], num_data, cfg.prior_precision, hp["hess_init"])
     return BSAM(params, lr=hp["lr"], num_data=num_data, rho=hp["rho"], weight_decay=wd,
                 damping=hp["damping"], s_init=hp["s_init"], backend=cfg.backend, seed=cfg.seed)
 
@@ -105,9 +105,10 @@ def lr_factor(step: int, total: int, warmup: int, floor: float = 0.0, decay_end:
 
 
 def train(model: nn.Module, cfg: Config, x: Tensor, y: Tensor, progress: bool = False,
-          desc: Optional[str] = None) -> Trained:
+          desc: Optional[str] = None, on_epoch=None) -> Trained:
     """Train with warm-up + cosine; returns the model, optimizer, ms per step (of the
-    optimizer step: forward, backward and update) and the method's posterior, if any."""
+    optimizer step: forward, backward and update) and the method's posterior, if any.
+    ``on_epoch(epoch, model)``, if given, is called after every epoch (untimed)."""
     torch.manual_seed(cfg.seed)
     n = len(x)
     opt = make_optimizer(cfg, model, n)
@@ -131,7 +132,7 @@ def train(model: nn.Module, cfg: Config, x: Tensor, y: Tensor, progress: bool = 
     model.train()
     elapsed, step = 0.0, 0
     untimed = min(5, total // 10)     # the first steps pay for allocations and warm-up
-    for _ in range(cfg.epochs):
+    for epoch in range(cfg.epochs):
         perm = torch.randperm(n, generator=g)
         for i in range(steps_per_epoch):
             idx = perm[i * cfg.batch:(i + 1) * cfg.batch]
@@ -149,6 +150,8 @@ def train(model: nn.Module, cfg: Config, x: Tensor, y: Tensor, progress: bool = 
                 swag.collect()
             if bar is not None:
                 bar.update()
+        if on_epoch is not None:
+            on_epoch(epoch, model)
     if bar is not None:
         bar.close()
     posterior = swag
@@ -158,6 +161,19 @@ def train(model: nn.Module, cfg: Config, x: Tensor, y: Tensor, progress: bool = 
     if cfg.method == "laplace":
         posterior = bayes_baselines.fit_laplace(model, x, y)
     return Trained(model, opt, 1e3 * elapsed / max(1, step - untimed), posterior)
+
+
+def time_steps(model: nn.Module, cfg: Config, x: Tensor, y: Tensor, steps: int = 6) -> float:
+    """Milliseconds per training step of `cfg` on `model` (the median of a few steps on the
+    first batches of x; the model is trained a little: pass a throwaway one)."""
+    opt = make_optimizer(cfg, model, len(x))
+    times = []
+    for i in range(steps):
+        idx = torch.arange(i * cfg.batch, (i + 1) * cfg.batch) % len(x)
+        t0 = time.perf_counter()
+        _one_step(cfg, model, opt, split_batch(x[idx], y[idx], m=cfg.m))
+        times.append(time.perf_counter() - t0)
+    return 1e3 * sorted(times)[len(times) // 2]
 
 
 def _one_step(cfg: Config, model: nn.Module, opt, parts) -> None:
