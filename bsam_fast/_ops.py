@@ -70,8 +70,9 @@ def perturb_(params, grads, means, precisions, u_sums, rho, inv_scale, first_par
                                  inv_scale, first_part, found_inf, rho_tensor)
 
 
-def check_finite_(tensors, found_inf) -> None:
-    torch.ops.bsam_fast.check_finite_(tensors, found_inf)
+def check_finite_(tensors, found_inf, like: Optional[Sequence[Tensor]] = None) -> None:
+    """like: the parameters the tensors (gradients) must match in dtype, shape and device."""
+    torch.ops.bsam_fast.check_finite_(tensors, found_inf, None if like is None else list(like))
 
 
 def update_(params, means, momenta, precisions, grads, u_sums, grad_factor, u_factor, lr,

@@ -42,7 +42,11 @@ import torch
 
 from . import BSAM, available_backends
 
-LAYOUTS = ("one", "resnet20", "transformer", "tiny")
+LAYOUTS = ("one", "resnet20", "transformer", "tiny", "host")
+# The `host` layout measures the per-step host overhead: many tensors of 16 elements (the
+# lists of real models: ResNet-20 has 86 tensors, a transformer hundreds), whatever --sizes.
+HOST_TENSORS = (400, 86)
+HOST_ELEMENTS = 16
 
 
 # ------------------------------------------------------------------ parameter layouts
@@ -73,6 +77,8 @@ def layout_shapes(layout: str, numel: int) -> list[tuple[int, ...]]:
     if layout == "tiny":          # 400 tiny tensors of odd sizes
         each = max(1, numel // 400)
         return [(each + i % 3,) for i in range(400)]
+    if layout == "host":          # numel // 16 tensors of 16 elements
+        return [(HOST_ELEMENTS,)] * max(1, numel // HOST_ELEMENTS)
     raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
 
 
@@ -234,7 +240,8 @@ def run_ops(device: torch.device, sizes, layouts, dtype: torch.dtype, backends, 
     name = device_name(device)
     P = torch.empty((), dtype=dtype).element_size()
     S = 4 if dtype in (torch.float16, torch.bfloat16) else P
-    cases = [(layout, size) for layout in layouts for size in sizes]
+    cases = [(layout, size) for layout in layouts
+             for size in ([n * HOST_ELEMENTS for n in HOST_TENSORS] if layout == "host" else sizes)]
     try:
         from tqdm import tqdm
         bar = tqdm(total=len(cases) * (len(backends) + 2), disable=not progress, desc="bench")
@@ -373,7 +380,8 @@ def format_end_to_end(results: list[dict]) -> str:
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bsam_fast.bench", description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--sizes", nargs="+", type=float, default=None, help="parameters per layout")
+    ap.add_argument("--sizes", nargs="+", type=float, default=None,
+                    help="parameters per layout (the host layout: 400 and 86 tensors of 16, always)")
     ap.add_argument("--layouts", nargs="+", default=None, choices=LAYOUTS)
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
     ap.add_argument("--backends", nargs="+", default=None,

@@ -1,5 +1,8 @@
-"""bSAM under ``torch.nn.parallel.DistributedDataParallel`` (m-sharpness across ranks):
-the optimizer's distributed hooks and the ``ddp_step`` helper.
+"""The collectives of distributed bSAM: the seed broadcast, the all-reduce of u and the
+inf/NaN flags, and the agreement before a load. Used by ``BSAM`` under DDP
+(``process_group=``) and FSDP2; the user-level DDP driver is ``ddp.ddp_step``.
+
+Under ``torch.nn.parallel.DistributedDataParallel`` (m-sharpness across ranks):
 
 The paper distributes bSAM like m-sharpness: every rank samples its own noise (its own
 stream, keyed by the shared seed and the rank) and makes its own perturbation; only the
@@ -8,23 +11,14 @@ mean of sqrt(s)*|g_k| (one flattened all-reduce inside ``BSAM.step``). With W ra
 local parts a step equals one process's step with m*W parts and the same noise streams,
 and every rank ends the step with the same mean, momentum and precision.
 
-    model = DDP(net)
-    opt = BSAM(model.parameters(), lr=..., num_data=N, process_group=True)
-    for x, y in loader:                       # this rank's shard of the batch
-        parts = split_batch(x, y, m=m)
-        loss = ddp_step(model, opt, lambda k: F.cross_entropy(model(parts[k][0]), parts[k][1]), m)
 """
 from __future__ import annotations
 
-import contextlib
 from collections import defaultdict
-from typing import TYPE_CHECKING, Callable, Optional, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor
-
-if TYPE_CHECKING:                      # optimizer.py imports this module
-    from .optimizer import BSAM
 
 
 def join_process_group(process_group, seed: int, params: Sequence[Tensor]) -> tuple:
@@ -83,40 +77,3 @@ def all_agree(group, ok: bool, device: torch.device) -> bool:
     flag = torch.tensor([0.0 if ok else 1.0], device=_collective_device(group, device))
     dist.all_reduce(flag, group=group)
     return flag.item() == 0.0
-
-
-def ddp_step(model, optimizer: "BSAM", loss_fn: Callable[[int], Tensor], m: int = 1,
-             grad_scaler: Optional["torch.amp.GradScaler"] = None) -> Tensor:
-    """One bSAM step of a DDP model with m local parts; loss_fn(k) is part k's loss.
-
-    The noisy backward passes and all but the last perturbed one run under
-    ``model.no_sync()``; the last perturbed backward all-reduces the sum of this rank's
-    perturbed gradients (perturb() hands the running sum back in ``.grad``). Returns the
-    mean loss at this rank's perturbed points.
-    """
-    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-        raise ValueError(f"Invalid m: {m!r} (must be an integer >= 1)")
-    if optimizer.in_step:
-        raise RuntimeError("ddp_step() called inside a step begun with sample_noise()")
-    scale = grad_scaler.scale if grad_scaler is not None else (lambda loss: loss)
-    losses = []
-    try:
-        for k in range(m):
-            optimizer.sample_noise()
-            with model.no_sync():
-                scale(loss_fn(k)).backward()
-            optimizer.perturb(grad_scaler=grad_scaler)
-            with (contextlib.nullcontext() if k == m - 1 else model.no_sync()):
-                loss = loss_fn(k)
-                scale(loss).backward()
-            losses.append(loss.detach())
-    except BaseException:
-        optimizer.cancel_step()
-        raise
-    if grad_scaler is not None:
-        grad_scaler.step(optimizer)
-        grad_scaler.update()
-    else:
-        optimizer.step()
-    optimizer.zero_grad()
-    return torch.stack(losses).mean()

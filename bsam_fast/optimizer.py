@@ -1,32 +1,31 @@
 """`BSAM`: Bayesian-SAM as a ``torch.optim.Optimizer``.
 
-The public API: constructor, phases (``sample_noise``, ``perturb``, ``step``), the
-closure drivers (``step``, ``step_parts``), the posterior, checkpoints. The optimizer owns
-the tensor state (momentum, precision and, for bf16/fp16 parameters, an fp32 master mean)
-and the buckets the backends work on; the step machine and counters are one
-``StepState`` (``step_state.py``); the arithmetic lives in ``backends/``; the distributed
-hooks in ``distributed.py``; argument checks in ``_checks.py``.
+A thin class: it owns the parameters' state, the step machine (``step_state.py``), the
+validation of what users hand it (``_checks.py``) and the calls. A step's work is done by
+the functional core (``phases.py``, ``update.py``) over the cached step plan
+(``plan.py``), through a backend (``backends/``). Checkpoints are in ``checkpoint.py``,
+the posterior's functions in ``posterior.py``, the collectives in ``distributed.py``.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+import contextlib
+import warnings
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import distributed, sharded
-from ._checks import (check_gradients, check_hyperparameters, check_noise, check_parameter,
-                      check_state_dict, check_unique)
+from . import checkpoint, distributed, gradients, phases, sharded, update
+from ._checks import (check_hyperparameters, check_noise, check_parameter, check_state_dict,
+                      check_unique)
 from .backends import make_backend
-from .backends.base import opmath_dtype
 from .noise import noise_bases, seed_from_default_generator, stream_seed
-from .posterior import PosteriorMethods
+from .plan import PlanCache, StepPlan, buckets_of
+from .posterior import local_posterior_std, mean_of, sampled
 from .sharded import local
 from .step_state import IDLE, NOISY, PERTURBED, StepState
-from .gradients import StepGradients
-from .tensor_state import TensorState
-from .update import UpdatePhase, _inverse, _scalar
+from .tensor_state import init_state, memory_footprint, refresh_unstepped
 
 
 def split_batch(*tensors: Tensor, m: int) -> list[tuple[Tensor, ...]]:
@@ -48,36 +47,32 @@ def split_batch(*tensors: Tensor, m: int) -> list[tuple[Tensor, ...]]:
     return list(zip(*(t.chunk(m) for t in tensors)))
 
 
-STREAM_KEY = "bsam_stream"
-UNSTEPPED_KEY = "unstepped"
+def _listed(params) -> list:
+    """The constructor's params as lists (a generator, also a group's, can be read twice)."""
+    if isinstance(params, Tensor):
+        return params                       # torch.optim's error names it
+    return [dict(g, params=[g["params"]] if isinstance(g["params"], Tensor) else list(g["params"]))
+            if isinstance(g, dict) and "params" in g else g for g in params]
 
 
-def _normalised(state_dict: dict, params: list[Tensor]) -> dict:
-    """A state_dict as ``load_state_dict`` reads it: the stream's position at the top level
-    (also when only the copy in the first param group came through), no copy left in the
-    groups, and the state of FSDP2 parameters as this rank's local shards."""
-    groups = state_dict.get("param_groups")
-    if not isinstance(groups, list) or not isinstance(state_dict.get("state"), dict):
-        return state_dict                                  # check_state_dict names it
-    out = dict(state_dict)
-    stream = next((g[STREAM_KEY] for g in groups if isinstance(g, dict) and STREAM_KEY in g), None)
-    if stream is not None:
-        out.setdefault("noise", {"seed": stream.get("seed"), "offset": stream.get("offset")})
-        out.setdefault("skipped_steps", stream.get("skipped_steps", 0))
-    out["param_groups"] = [{k: v for k, v in g.items() if k != STREAM_KEY} if isinstance(g, dict) else g
-                           for g in groups]
-    saved_ids = [i for g in out["param_groups"] if isinstance(g, dict) for i in g.get("params", [])]
-    if any(sharded.is_sharded(p) for p in params) or any(
-            sharded.is_sharded(v) for st in state_dict["state"].values() if isinstance(st, dict)
-            for v in st.values()):
-        out["state"] = {i: ({k: sharded.local_like(v, p) if isinstance(v, Tensor) else v
-                             for k, v in state_dict["state"][i].items()}
-                            if isinstance(state_dict["state"].get(i), dict) else state_dict["state"].get(i))
-                        for i, p in zip(saved_ids, params) if i in state_dict["state"]}
-    return out
+def _tensors_of(groups) -> list[Tensor]:
+    """The tensors among the constructor's params (groups, tensors, (name, tensor) pairs)."""
+    items = [x for g in groups for x in (g.get("params", []) if isinstance(g, dict) else [g])]
+    items = [x[1] if isinstance(x, tuple) and len(x) == 2 else x for x in items]
+    return [x for x in items if isinstance(x, Tensor)]
 
 
-class BSAM(TensorState, StepGradients, UpdatePhase, PosteriorMethods, Optimizer):
+def _unscaled_by(scaler, optimizer) -> bool:
+    """True if `scaler` (the GradScaler perturb() saw) has unscaled the optimizer's
+    gradients since its last update() (``scaler.unscale_(opt)``, e.g. to clip)."""
+    if scaler is None:
+        return False
+    from torch.amp.grad_scaler import OptState
+    state = getattr(scaler, "_per_optimizer_states", {}).get(id(optimizer))
+    return state is not None and state.get("stage") is OptState.UNSCALED
+
+
+class BSAM(Optimizer):
     r"""Bayesian-SAM (Möllenhoff & Khan, ICLR 2023): SAM as an optimal relaxation of Bayes.
 
     Learns a diagonal Gaussian posterior ``N(w, 1/(N*s))`` over the parameters. Between
@@ -117,12 +112,12 @@ class BSAM(TensorState, StepGradients, UpdatePhase, PosteriorMethods, Optimizer)
         defaults = dict(lr=lr, num_data=num_data, rho=rho, betas=tuple(betas),
                         weight_decay=weight_decay, damping=damping, s_init=s_init)
         check_hyperparameters(defaults)
-        self._noise_base: dict[Tensor, int] = {}
-        self._unstepped: set[Tensor] = set()      # state made, no step or load yet
-        super().__init__(params, defaults)
-        all_params = self._params()
-        self._backend_request = backend
-        self._backend = make_backend(backend, [local(p) for p in all_params])
+        params = _listed(params)
+        tensors = _tensors_of(params)
+        for p in tensors:
+            check_parameter(p)
+        # Resolved before the groups join (add_param_group checks against them).
+        self._backend = make_backend(backend, [local(p) for p in tensors])
         if seed is None:
             seed = seed_from_default_generator()
         if not isinstance(seed, int) or not 0 <= seed < 2 ** 64:
@@ -130,32 +125,36 @@ class BSAM(TensorState, StepGradients, UpdatePhase, PosteriorMethods, Optimizer)
         self._group, self._rank, self._world_size = None, 0, 1
         # FSDP2: the sharded parameters' mesh, over which the inf/NaN flags are shared;
         # every rank draws rank 0's stream (see sharded.py).
-        self._shard_group = sharded.mesh_group(all_params)
+        self._shard_group = sharded.mesh_group(tensors)
         if self._shard_group is not None:
             if process_group is not None:
                 raise ValueError("process_group is for DistributedDataParallel (per-rank noise); "
                                  "FSDP2-sharded parameters bring their own mesh: leave it out")
             if capturable:
                 raise ValueError("capturable=True is not supported with FSDP2-sharded parameters")
-            seed = distributed.broadcast_seed(self._shard_group, seed, local(all_params[0]).device)
-        self._fsdp_modules = sharded.owning_modules(all_params) if self._shard_group is not None else []
+            seed = distributed.broadcast_seed(self._shard_group, seed, local(tensors[0]).device)
+        self._fsdp_modules = sharded.owning_modules(tensors) if self._shard_group is not None else []
         if process_group is not None:
             self._group, self._rank, self._world_size, seed = distributed.join_process_group(
-                process_group, seed, all_params)
+                process_group, seed, tensors)
         if capturable and not self._backend.device_side:
             raise ValueError(f"capturable=True needs a fused backend ('cuda' or 'cpu'), not "
                              f"{self.backend!r}")
         self._capturable = bool(capturable)
-        self._scratch: dict[Tensor, dict[str, Tensor]] = {}
         self._state = StepState(seed)
-        self.register_state_dict_post_hook(BSAM._add_noise_and_skips, prepend=True)
-        if self._capturable:
+        self._noise_base: dict[Tensor, int] = {}
+        self._unstepped: set[Tensor] = set()      # state made, no step or load yet
+        self._scratch: dict[Tensor, dict[str, Tensor]] = {}
+        self._plans = PlanCache()
+        self._warned_stale = False
+        self._constructed = False
+        super().__init__(params, defaults)
+        self._constructed = True
+        self.register_state_dict_post_hook(BSAM._add_stream_and_states, prepend=True)
+        if self._capturable and tensors:
             # Made now: made inside a graph capture, a counter's zero-fill would be replayed
             # with every step, and the host's position is stale once a graph has replayed.
-            for p in all_params:
-                self._state.offset_tensor(p.device)
-            if all_params:
-                self._state.device_skipped = torch.zeros((), dtype=torch.int64, device=all_params[0].device)
+            self._state.device_skipped = torch.zeros((), dtype=torch.int64, device=tensors[0].device)
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -166,10 +165,11 @@ class BSAM(TensorState, StepGradients, UpdatePhase, PosteriorMethods, Optimizer)
             check_unique(group["params"])
             for p in group["params"]:
                 check_parameter(p)
-                reason = self._backend.supports(local(p)) if hasattr(self, "_backend") else None
+                reason = self._backend.supports(local(p))
                 if reason is not None:
                     raise ValueError(f"backend {self.backend!r} cannot handle a parameter: {reason}")
-            if hasattr(self, "_shard_group") and sharded.mesh_group(self._params()) is not self._shard_group:
+            mesh = sharded.mesh_group(group["params"])
+            if mesh is not None and (self._constructed or mesh is not self._shard_group):
                 raise ValueError("FSDP2-sharded parameters join a BSAM at construction (its mesh, seed "
                                  "and shared flags are set up there), all on one mesh")
             starts = [sharded.shard_start(p) for p in group["params"]]
@@ -184,12 +184,13 @@ class BSAM(TensorState, StepGradients, UpdatePhase, PosteriorMethods, Optimizer)
                    for p, base in self._noise_base.items()), default=0)
         for p, base, start in zip(group["params"], noise_bases([p.numel() for p in group["params"]]), starts):
             self._noise_base[p] = end + base + start
-        if getattr(self, "_capturable", False):
+        if self._capturable:
             for p in group["params"]:
                 self._state.offset_tensor(p.device)
         for p in group["params"]:
             if p.requires_grad:
-                self._init_state(group, p)
+                init_state(self.state[p], p, group["s_init"], self._unstepped)
+        self._plans.drop()
 
     # ------------------------------------------------------------------ properties
     @property
@@ -206,9 +207,6 @@ class BSAM(TensorState, StepGradients, UpdatePhase, PosteriorMethods, Optimizer)
             return dist.get_rank(self._shard_group)
         return self._rank
 
-    def _reshard_fsdp_modules(self) -> None:
-        sharded.reshard(self._fsdp_modules)
-
     @property
     def noise_seed(self) -> int:
         return self._state.seed
@@ -221,7 +219,7 @@ class BSAM(TensorState, StepGradients, UpdatePhase, PosteriorMethods, Optimizer)
     @property
     def skipped_steps(self) -> int:
         """Steps skipped because a gradient held inf or NaN (reads the device counter of
-        capturable / GradScaler steps, which synchronises)."""
+        the fused backends' steps, which synchronises)."""
         return self._state.skipped_steps
 
     @property
@@ -234,6 +232,25 @@ class BSAM(TensorState, StepGradients, UpdatePhase, PosteriorMethods, Optimizer)
         seed = self._state.seed
         return seed if self._group is None else stream_seed(seed, self._rank)
 
+    def _params(self) -> list[Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def _reshard_fsdp_modules(self) -> None:
+        sharded.reshard(self._fsdp_modules)
+
+    def _current_plan(self) -> StepPlan:
+        """The step plan, made again when what it was built from has changed."""
+        if refresh_unstepped(self.param_groups, self.state, self._unstepped):
+            self._plans.drop()               # (before the first step only)
+        plan = self._plans.plan
+        if plan is None or not plan.is_current(self.param_groups):
+            for group in self.param_groups:  # parameters unfrozen since: their state
+                for p in group["params"]:
+                    if p.requires_grad:
+                        init_state(self.state[p], p, group["s_init"], self._unstepped)
+            plan = self._plans.plan = StepPlan(self.param_groups, self.state, self._noise_base, self._scratch)
+        return plan
+
     # ------------------------------------------------------------------ phases
     @torch.no_grad()
     def sample_noise(self, noise: Optional[Sequence[Tensor]] = None) -> None:
@@ -245,55 +262,48 @@ class BSAM(TensorState, StepGradients, UpdatePhase, PosteriorMethods, Optimizer)
         by default they come from the optimizer's noise stream, whose counter advances by
         one per call.
         """
-        if self._state.phase == NOISY:
+        st = self._state
+        if st.phase == NOISY:
             raise RuntimeError("sample_noise() called twice: call perturb() after the "
                                "backward() at the noisy point")
         if noise is not None:
-            noise = check_noise(noise, self._params())
+            params = self._params()
+            noise = dict(zip(map(id, params), check_noise(noise, params)))
         self._reshard_fsdp_modules()         # FSDP2: the next forward gathers the noisy shards
-        first_part = self._state.phase == IDLE
+        first_part = st.phase == IDLE
         if not first_part:
             self._bank_perturbed_gradients()
         else:
+            self._report_device_skip(stacklevel=4)
             # Hyperparameters written into param_groups since (schedulers, users) are checked
             # here, before the step changes anything (tensor values unread: no host sync).
             for group in self.param_groups:
                 check_hyperparameters(group, read_tensors=False)
             self._drop_stale_gradients()
-            self._state.begin()
+            st.begin()
             # Frozen parameters (requires_grad=False) are not part of the posterior: no
             # noise, no state, left as they are.
-            self._state.sampled = [[p for p in g["params"] if p.requires_grad] for g in self.param_groups]
-            self._refresh_unstepped()
-            for group, params in zip(self.param_groups, self._state.sampled):
-                for p in params:
-                    self._init_state(group, p)
-                    self._unstepped.discard(p)
-        offset = self._state.offset
-        index = 0
-        for group, params in zip(self.param_groups, self._state.sampled):
-            everyone = group["params"]
-            group_noise = None if noise is None else dict(zip(map(id, everyone), noise[index:index + len(everyone)]))
-            index += len(everyone)
-            for b in self._buckets(group, params):
-                xi = None if group_noise is None else [group_noise[key] for key in b.keys]
-                counter = self._state.offset_tensor(b.device) if self._capturable else None
-                self._backend.sample(b, group["num_data"], self._noise_key, offset, xi,
-                                     load_mean=first_part and not b.master_mean,
-                                     offset_tensor=counter)
-        self._state.advance_noise()
-        self._state.phase = NOISY
+            plan = self._current_plan()
+            st.plan = plan
+            st.sampled = [(g, gp.buckets) for g, gp in zip(self.param_groups, plan.groups)]
+            if self._unstepped:
+                self._unstepped.difference_update([p for gp in plan.groups for p in gp.params])
+        phases.sample(self._backend, st.sampled, self._noise_key, st.offset, noise, first_part,
+                      st.offset_tensor if self._capturable else None)
+        st.advance_noise()
+        st.phase = NOISY
 
     @torch.no_grad()
     def perturb(self, grad_scaler=None) -> None:
         """Phase 2 of a part: read the gradient g at the noisy point, move the parameters to
         w + rho * g / s, and set ``.grad = None`` (as ``zero_grad()`` does) so that the
-        next backward() gives the perturbed gradient alone. Parameters without a gradient go back to the mean and
-        sit out the rest of the step.
+        next backward() gives the perturbed gradient alone. Parameters without a gradient
+        go back to the mean and sit out the rest of the step.
 
         ``grad_scaler``: the enabled ``torch.amp.GradScaler`` that scaled this backward.
         """
-        if self._state.phase != NOISY:
+        st = self._state
+        if st.phase != NOISY:
             raise RuntimeError("perturb() must follow sample_noise() and a backward() at "
                                "the noisy point")
         inv_scale = None
@@ -303,41 +313,50 @@ class BSAM(TensorState, StepGradients, UpdatePhase, PosteriorMethods, Optimizer)
                 self.cancel_step()
                 raise RuntimeError("perturb(grad_scaler=...): the scaler has not scaled a "
                                    "loss yet (call scaler.scale(loss).backward() first)")
-            inv_scale = _inverse(scale)
+            inv_scale = phases.inverse(scale)
             # Kept for step(): the perturbed gradients carry the same scale, also when the
             # step is finished by opt.step() rather than scaler.step(opt).
-            self._state.scaler_inv_scale = inv_scale
-            self._state.scaler = grad_scaler
-        active = [[p for p in params if p.grad is not None] for params in self._state.sampled]
+            st.scaler_inv_scale = inv_scale
+            st.scaler = grad_scaler
+        first_part = st.parts == 0
         try:
-            grads = {id(p): g for params in active for p, g in zip(params, check_gradients(params))}
-            if self._state.parts and [[id(p) for p in a] for a in active] != \
-                    [[id(p) for p in a] for a in self._state.active]:
+            active, active_work, idle_work = self._active_work()
+            if not first_part and [list(map(id, a)) for a in active] != [list(map(id, a)) for a in st.active]:
                 raise RuntimeError("perturb(): the set of parameters with gradients changed "
                                    "between the parts of one step")
+            grads = phases.gradients(active_work, checked=not self._trusts_gradients())
+            self._reshard_fsdp_modules()     # FSDP2: the next forward gathers the perturbed shards
+            phases.restore(self._backend, idle_work)
+            phases.perturb(self._backend, active_work, grads, inv_scale, first_part,
+                           lambda device: st.found_flag("noisy", device))
         except Exception:
             self.cancel_step()
             raise
-        self._reshard_fsdp_modules()         # FSDP2: the next forward gathers the perturbed shards
-        first_part = self._state.parts == 0
-        self._state.active = active
-        for group, sampled, params in zip(self.param_groups, self._state.sampled, active):
-            idle = [p for p in sampled if p.grad is None]
-            for b in self._buckets(group, idle):
-                self._backend.restore(b)
-            for b in self._buckets(group, params):
-                scale = None if inv_scale is None else inv_scale.to(b.device)
-                self._backend.perturb(b, [grads[key] for key in b.keys], _scalar(group["rho"]), scale,
-                                      first_part, self._state.found_flag("noisy", b.device))
+        st.active, st.active_work, st.idle_work = active, active_work, idle_work
         # The noisy gradient is consumed. The perturbed backward() then accumulates h_k
         # into .grad: onto nothing for part 1, onto h_1 + ... + h_(k-1) for part k, so that
         # after the last part .grad holds the sum (and DDP all-reduces the whole sum).
-        for i, params in enumerate(active):
-            for j, p in enumerate(params):
-                p.grad = None if first_part else self._state.banked[i][j]
-        self._state.banked = []
-        self._state.parts += 1
-        self._state.phase = PERTURBED
+        gradients.hand_back(active, st.banked, first_part)
+        st.banked = []
+        st.parts += 1
+        st.phase = PERTURBED
+
+    def _trusts_gradients(self) -> bool:
+        """True if the backend may be handed the .grad tensors unchecked (see phases.py)."""
+        return self._backend.checks_inputs and not self._state.plan.sharded
+
+    def _active_work(self) -> tuple[list, list, list]:
+        """(per group: the parameters with a gradient; their work; the work of those without)."""
+        st = self._state
+        if not phases.missing_gradients(st.sampled):       # the usual case: the plan's buckets
+            return [gp.params for gp in st.plan.groups], st.sampled, []
+        active = [[p for p in gp.params if p.grad is not None] for gp in st.plan.groups]
+        idle = [[p for p in gp.params if p.grad is None] for gp in st.plan.groups]
+
+        def work(per_group):
+            return [(g, buckets_of(ps, self.state, self._noise_base, self._scratch))
+                    for g, ps in zip(self.param_groups, per_group)]
+        return active, work(active), work(idle)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As torch.optim's, but refused (before anything changes) while ``.grad`` holds
@@ -357,7 +376,7 @@ class BSAM(TensorState, StepGradients, UpdatePhase, PosteriorMethods, Optimizer)
 
         The noise stream keeps its position (draws already taken stay taken)."""
         if self._state.phase != IDLE:
-            self._restore_all()
+            phases.restore(self._backend, self._state.sampled)
         self._state.begin()
 
     # ------------------------------------------------------------------ step
@@ -439,38 +458,169 @@ class BSAM(TensorState, StepGradients, UpdatePhase, PosteriorMethods, Optimizer)
             return torch.stack([loss.detach() for loss in losses]).mean()
         return None
 
-    def _params(self) -> list[Tensor]:
-        return [p for g in self.param_groups for p in g["params"]]
+    # ------------------------------------------------------------------ gradients
+    def _drop_stale_gradients(self, warn: bool = True) -> None:
+        """Gradients left from before the step would be added to the noisy gradient: drop
+        them (the noisy gradient must be taken at the noisy point alone), once with a word
+        in the phase API (step(closure): the closure zeroes them anyway)."""
+        dropped = gradients.drop_stale(self.param_groups)
+        if dropped and warn and not self._warned_stale:
+            self._warned_stale = True
+            warnings.warn(f"BSAM: {dropped} parameter(s) had a gradient from before the step; "
+                          "it was dropped, as the noisy gradient must be taken at the noisy point "
+                          "alone. Call zero_grad() before sample_noise(); gradients cannot be "
+                          "accumulated across bSAM steps (use m parts: step_parts).",
+                          RuntimeWarning, stacklevel=4)
+
+    def _closure_onto_sum(self, closure):
+        return gradients.run_onto_sum(self._state.active, closure)
+
+    def _check_perturbed_present(self) -> None:
+        missing = phases.missing_gradients(self._state.active_work)
+        if missing:
+            raise RuntimeError(f"{missing} parameter(s) had a gradient at the noisy "
+                               "point but none at the perturbed point")
+
+    def _bank_perturbed_gradients(self) -> None:
+        """Part k > 1 begins: take the perturbed-gradient sum out of ``.grad``, so that the
+        coming noisy backward() gives g_k alone; perturb() hands it back afterwards."""
+        try:
+            self._check_perturbed_present()
+        except RuntimeError:
+            self.cancel_step()
+            raise
+        self._state.banked = gradients.take(self._state.active)
+
+    # ------------------------------------------------------------------ update
+    @torch.no_grad()
+    def _finish(self) -> None:
+        """Phase 3: update momentum, mean and precision, and put the mean back in place.
+
+        ``.grad`` holds the sum of the m perturbed gradients (DDP: averaged over ranks).
+        An error on the way cancels the step (parameters back at the mean) and is raised."""
+        st = self._state
+        try:
+            self._check_perturbed_present()
+            grads = phases.gradients(st.active_work, checked=not self._trusts_gradients())
+            grads = phases.check_finite(self._backend, st.active_work, grads,
+                                        lambda device: st.found_flag("perturbed", device))
+            self._update(grads)
+        except BaseException:
+            self.cancel_step()
+            self._forget_scaler_step()
+            raise
+        self._report_device_skip(stacklevel=5)
+
+    def _update(self, grads) -> None:
+        st = self._state
+        m = st.parts
+        if self._group is not None:          # DDP: u and the noisy flags summed over ranks
+            u_sums = [u for _, buckets in st.active_work for b in buckets for u in b.u_sums]
+            devices = dict.fromkeys([u.device for u in u_sums] + list(st.found["noisy"]))
+            distributed.all_reduce_u_and_flags(self._group, u_sums, [st.found_flag("noisy", d) for d in devices])
+        elif self._shard_group is not None:
+            # FSDP2: each rank checked its own rows; all skip if any found inf/NaN.
+            distributed.all_reduce_u_and_flags(self._shard_group, [], st.all_found_flags())
+        scaler_found = getattr(self, "found_inf", None)
+        # The perturbed gradients' scale: scaler.step(opt) sets grad_scale (None when
+        # scaler.unscale_(opt) came first: the gradients are unscaled already); a step
+        # finished by opt.step() after perturb(grad_scaler=) uses the scale perturb() saw.
+        if hasattr(self, "grad_scale"):
+            inv_scale = None if self.grad_scale is None else phases.inverse(self.grad_scale)
+        elif _unscaled_by(st.scaler, self):       # scaler.unscale_(opt); opt.step()
+            inv_scale = None
+        else:
+            inv_scale = st.scaler_inv_scale
+        u_factor = 1.0 / (m * self._world_size)      # u_sums were summed over ranks
+        scaled = st.used_scaler or hasattr(self, "grad_scale") or scaler_found is not None
+        if self._backend.device_side:
+            # (Under capturable=True nothing is watched: a graph replays the step, and an
+            # event queried inside a capture would break it.)
+            update.update_on_device(self._backend, st, grads, m, u_factor, inv_scale, scaler_found,
+                                    watch=not (scaled or self._capturable))
+        else:
+            bad = update.update_on_host(self._backend, st, grads, m, u_factor, inv_scale, scaler_found)
+            if bad is not None and not scaled:
+                # A non-finite noisy gradient makes the perturbed point, and so the
+                # perturbed gradient, non-finite too: name the first one.
+                self._warn_skipped(bad, self.skipped_steps, stacklevel=6)
+        st.begin()
+
+    def _report_device_skip(self, stacklevel: int) -> None:
+        """Say so if a step the device skipped has become known (never waits for it)."""
+        report = self._state.poll_device_skip()
+        if report is not None:
+            self._warn_skipped(*report, stacklevel=stacklevel + 1)
+
+    @staticmethod
+    def _warn_skipped(which: str, count: int, stacklevel: int) -> None:
+        warnings.warn(f"BSAM: skipped a step: the {which} gradient holds inf or NaN; "
+                      f"mean, momentum and precision are unchanged ({count} skipped so far)",
+                      RuntimeWarning, stacklevel=stacklevel)
+
+    def _forget_scaler_step(self) -> None:
+        """Drop the grad_scale/found_inf that GradScaler.step() set on the optimizer: the
+        scaler removes them only when step() returns, and a later step must not read them."""
+        self.__dict__.pop("grad_scale", None)
+        self.__dict__.pop("found_inf", None)
+
+    # ------------------------------------------------------------------ posterior
+    @torch.no_grad()
+    def posterior_std(self) -> list[Tensor]:
+        """Per-parameter posterior standard deviation 1/sqrt(N*s), in param-group order;
+        0 for frozen parameters (requires_grad=False): they are not part of the posterior.
+        For an FSDP2 parameter, a DTensor laid out like it."""
+        if refresh_unstepped(self.param_groups, self.state, self._unstepped):   # s_init may have changed
+            self._plans.drop()
+        return [sharded.as_dtensor_like(std, p) if sharded.is_sharded(p) else std
+                for p, std in zip(self._params(), local_posterior_std(self.param_groups, self.state))]
+
+    @contextlib.contextmanager
+    def sampled_params(self, generator: Optional[torch.Generator] = None) -> Iterator[None]:
+        """Context manager: the parameters hold one posterior sample w + xi/sqrt(N*s)
+        (xi from ``torch.randn`` with ``generator``), and the mean again on exit, also on
+        an exception. Frozen parameters (requires_grad=False) keep their value.
+
+        FSDP2 parameters: every rank must draw the same sample, so a generator is required
+        (seeded alike on every rank); xi is drawn for the full tensor (one at a time) and
+        each rank keeps its rows."""
+        if self.in_step:
+            raise RuntimeError("sampled_params() inside an unfinished bSAM step")
+        params = self._params()
+        if generator is None and any(sharded.is_sharded(p) for p in params):
+            raise ValueError("sampled_params() of FSDP2-sharded parameters needs a torch.Generator "
+                             "seeded alike on every rank (every rank must draw the same sample)")
+        stds = self.posterior_std()
+        stds = [sharded.local(s) for s in stds]
+        means = [mean_of(p, self.state, self._unstepped) if p.requires_grad else None for p in params]
+        with sampled(params, stds, means, generator, self._reshard_fsdp_modules):
+            yield
+
+    def memory_footprint(self) -> dict[str, int]:
+        """Bytes of tensors this optimizer holds on this process: ``state`` (momentum,
+        precision, fp32 master means: what a checkpoint saves) and ``scratch`` (the mean
+        and u buffers of a step, kept between steps). Under FSDP2 these are this rank's
+        shards; under DDP every rank holds them all."""
+        return memory_footprint(self.state, self._scratch)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
-        """torch.optim's, plus the noise stream's position and the skipped steps: at the top
-        level (``"noise"``, ``"skipped_steps"``) and, for checkpoint tools that keep only
-        ``state`` and ``param_groups`` (``torch.distributed.checkpoint.state_dict``), in
-        the first param group (``"bsam_stream"``). The state of an FSDP2 parameter is a
-        DTensor laid out like it (sharing the optimizer's storage)."""
+        """torch.optim's, plus the noise stream's position and the skipped steps (see
+        ``checkpoint.py``). The state of an FSDP2 parameter is a DTensor laid out like it
+        (sharing the optimizer's storage)."""
         if self._state.phase != IDLE:
             raise RuntimeError("state_dict() inside an unfinished bSAM step (after "
                                "sample_noise(), before step())")
-        self._refresh_unstepped()
+        if refresh_unstepped(self.param_groups, self.state, self._unstepped):
+            self._plans.drop()
         return super().state_dict()
 
     @staticmethod
-    def _add_noise_and_skips(optimizer: "BSAM", state_dict: dict) -> dict:
+    def _add_stream_and_states(optimizer: "BSAM", state_dict: dict) -> dict:
         """The first state_dict post-hook (so that users' hooks see the whole state)."""
-        stream = {"seed": optimizer._state.seed, "offset": optimizer.noise_offset}
-        state_dict["noise"] = dict(stream)
-        state_dict["skipped_steps"] = optimizer.skipped_steps
-        if state_dict["param_groups"]:
-            state_dict["param_groups"][0][STREAM_KEY] = dict(stream, skipped_steps=optimizer.skipped_steps)
-        for i, p in enumerate(optimizer._params()):
-            if i not in state_dict["state"]:
-                continue
-            st = {k: sharded.as_dtensor_like(v, p) if sharded.is_sharded(p) and isinstance(v, Tensor) else v
-                  for k, v in state_dict["state"][i].items()}     # a new dict: the optimizer's stays
-            st[UNSTEPPED_KEY] = p in optimizer._unstepped   # the initial state: re-read at its first step
-            state_dict["state"][i] = st
-        return state_dict
+        return checkpoint.add_stream_and_states(state_dict, optimizer._params(), optimizer._state.seed,
+                                                optimizer.noise_offset, optimizer.skipped_steps,
+                                                optimizer._unstepped)
 
     def load_state_dict(self, state_dict: dict) -> None:
         if self._state.phase != IDLE:
@@ -478,7 +628,7 @@ class BSAM(TensorState, StepGradients, UpdatePhase, PosteriorMethods, Optimizer)
         params = self._params()
         refused = None
         try:
-            state_dict = _normalised(state_dict, params)
+            state_dict = checkpoint.normalised(state_dict, params)
             check_state_dict(state_dict, params)   # before anything is loaded
         except ValueError as exc:
             refused = exc
@@ -488,27 +638,15 @@ class BSAM(TensorState, StepGradients, UpdatePhase, PosteriorMethods, Optimizer)
                                             "nothing was loaded")
         if refused is not None:
             raise refused
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        # torch.optim casts floating state to the parameter dtype, which would round the
-        # fp32 state of bf16/fp16 parameters; load it ourselves after the groups.
-        originals = {i: dict(state_dict["state"].get(i, {})) for i in saved_ids}
+        saved = checkpoint.saved_states(state_dict)
         super().load_state_dict(state_dict)
-        for i, p in zip(saved_ids, params):
-            st = originals[i]
-            self.state.pop(p, None)
-            self._unstepped.discard(p)
-            unstepped = st.pop(UNSTEPPED_KEY, False)
-            if st:
-                dtype = opmath_dtype(p.dtype)
-                self.state[p] = {k: (v.to(device=p.device, dtype=dtype, copy=True)
-                                     if isinstance(v, Tensor) else v) for k, v in st.items()}
-                if unstepped:
-                    self._unstepped.add(p)
+        checkpoint.restore_states(saved, params, self.state, self._unstepped)
         for g in self.param_groups:
             g["betas"] = tuple(g["betas"])
             for p in g["params"]:
                 if p.requires_grad and p not in self.state:     # none saved: as if new
-                    self._init_state(g, p)
+                    init_state(self.state[p], p, g["s_init"], self._unstepped)
+        self._plans.drop()
         self._state.set_noise(int(state_dict["noise"]["seed"]), int(state_dict["noise"]["offset"]))
         self._state.set_skipped(int(state_dict.get("skipped_steps", 0)))
         self._state.begin()

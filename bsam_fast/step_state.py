@@ -7,9 +7,11 @@ A step runs through phases::
                                +--- sample_noise() ---+   (the next of m parts)
 
 ``StepState`` holds everything that changes as steps are taken and is not tensor state of
-a parameter: the phase, the parts taken, the parameters active in the step, their banked
-perturbed gradients, the inf/NaN flags, the GradScaler seen, the noise stream's key and
-position (with its device counters under ``capturable=True``) and the skipped-step counts.
+a parameter: the phase, the parts taken, the step's work (its plan's buckets, and those of
+the parameters active in it), their banked perturbed gradients, the inf/NaN flags, the
+GradScaler seen, the noise stream's key and position (with its device counters under
+``capturable=True``) and the skipped-step counts, with the report of a step skipped on the
+device, read when it is ready (``poll_device_skip``) so that the device never waits.
 
 It is one object, changed in place and never replaced, so that a copy of the optimizer's
 ``__dict__`` (as Lightning's ``LightningOptimizer`` makes) shares it with the optimizer.
@@ -35,18 +37,24 @@ class StepState:
         # steps skipped on the device (capturable / GradScaler): one counter, so that a
         # step is counted once however many devices it spans.
         self.device_skipped: Optional[Tensor] = None
+        # (event or None, host tensor [noisy flag, perturbed flag, device count]) of the
+        # last step that skipped on the device, until it is read.
+        self.pending_skip: Optional[tuple] = None
         self.begin()
 
     def begin(self) -> None:
         """Forget the step in progress (if any): back to idle."""
         self.phase = IDLE
         self.parts = 0                                  # parts perturbed so far
+        self.plan = None                                # the step plan of this step
+        self.sampled: list = []                         # (group, buckets): params in the posterior
         self.active: list[list[Tensor]] = []            # per group: params with a gradient
+        self.active_work: list = []                     # (group, buckets) of those
+        self.idle_work: list = []                       # (group, buckets): sampled, no gradient
         self.found: dict[str, dict[torch.device, Tensor]] = {"noisy": {}, "perturbed": {}}
         self.scaler = None                              # the GradScaler given to perturb()
         self.scaler_inv_scale: Optional[Tensor] = None  # its 1/scale then
         self.banked: list[list[Optional[Tensor]]] = []  # perturbed-gradient sums between parts
-        self.sampled: list[list[Tensor]] = []           # per group: params in the posterior
 
     @property
     def used_scaler(self) -> bool:
@@ -108,6 +116,34 @@ class StepState:
         if self.device_skipped is None:
             self.device_skipped = torch.zeros((), dtype=torch.int64, device=flag.device)
         self.device_skipped.add_((flag > 0).to(torch.int64).sum().to(self.device_skipped.device))
+
+    def watch_device_skip(self, noisy: Tensor, perturbed: Tensor) -> None:
+        """Keep the flags of a step that may have skipped on the device, to be read once
+        they are ready: at once on the CPU, after an event on CUDA (copied asynchronously)."""
+        counter = self.device_skipped
+        values = torch.stack([noisy.reshape(()), perturbed.reshape(()),
+                              counter.to(device=noisy.device, dtype=torch.float32)])
+        if values.device.type == "cuda":
+            host = values.to("cpu", non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self.pending_skip = (event, host)
+        else:
+            self.pending_skip = (None, values)
+
+    def poll_device_skip(self) -> Optional[tuple[str, int]]:
+        """(which gradient, steps skipped so far) if the watched step was skipped and its
+        flags are ready, else None; without waiting for the device."""
+        if self.pending_skip is None:
+            return None
+        event, values = self.pending_skip
+        if event is not None and not event.query():
+            return None
+        self.pending_skip = None
+        noisy, perturbed, count = values.tolist()
+        if not (noisy or perturbed):
+            return None
+        return ("noisy" if noisy else "perturbed"), self.skipped + int(count)
 
     def set_skipped(self, count: int) -> None:
         self.skipped = count

@@ -115,6 +115,18 @@ inline void check_perturb_args(at::TensorList params, at::TensorList grads, at::
   check_found_inf(found_inf, device, params[0].device());
 }
 
+// check_finite_: floating tensors of one dtype; with `like` (the parameters), each tensor
+// matches its parameter in device, shape and dtype.
+inline void check_finite_args(at::TensorList tensors, const std::optional<at::TensorList>& like,
+                              at::DeviceType device) {
+  if (like) {
+    check_params(*like, device, "like");
+    check_like(*like, tensors, "grads", like->empty() ? at::kFloat : (*like)[0].scalar_type(), device);
+  } else {
+    check_params(tensors, device, "tensors");
+  }
+}
+
 inline void check_update_args(at::TensorList params, at::TensorList means, at::TensorList momenta,
                               at::TensorList precisions, at::TensorList grads, at::TensorList u_sums,
                               const std::optional<at::Tensor>& grad_factor_tensor,

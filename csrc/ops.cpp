@@ -20,8 +20,10 @@ TORCH_LIBRARY(bsam_fast, m) {
   m.def("perturb_(Tensor(a!)[] params, Tensor[] grads, Tensor[] means, Tensor[] precisions, "
         "Tensor(b!)[] u_sums, float rho, Tensor? inv_scale, bool first_part, "
         "Tensor(c!) found_inf, Tensor? rho_tensor=None) -> ()");
-  // found_inf := 1 if a tensor holds inf or NaN.
-  m.def("check_finite_(Tensor[] tensors, Tensor(a!) found_inf) -> ()");
+  // found_inf := 1 if a tensor holds inf or NaN. like (the parameters), when given: each
+  // tensor must match its parameter in device, shape and dtype (the gradients of a step,
+  // checked before any bucket is updated).
+  m.def("check_finite_(Tensor[] tensors, Tensor(a!) found_inf, Tensor[]? like=None) -> ()");
   // Momentum, mean and precision update; params := new mean. g = grads * factor with
   // factor = grad_factor_tensor[0] if given else grad_factor (1/m, times a GradScaler's
   // 1/scale); u = u_sums * u_factor. With m parts, grads hold the sum of the m perturbed

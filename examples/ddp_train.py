@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from bsam_fast import BSAM
 from bsam_fast.demo import load_digits_split
-from bsam_fast.distributed import ddp_step
+from bsam_fast.ddp import ddp_step
 from torchrun_setup import (destroy_process_group, init_process_group, local_batch_size,
                             print_scores, rank_parts)
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from bsam_fast import BSAM, split_batch
-from bsam_fast.distributed import ddp_step
+from bsam_fast.ddp import ddp_step
 from helpers import make_model
 
 STEPS, M, LOCAL_BATCH = 3, 2, 8

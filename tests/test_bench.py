@@ -10,12 +10,22 @@ FIELDS = {"backend", "device", "device_name", "dtype", "layout", "numel", "ntens
           "pct_copy_bw", "ratio_vs_adamw_fused", "ratio_vs_reference", "state_bytes"}
 
 
-@pytest.mark.parametrize("layout", bench.LAYOUTS)
+@pytest.mark.parametrize("layout", [layout for layout in bench.LAYOUTS if layout != "host"])
 def test_layouts_have_about_the_requested_size(layout):
     shapes = bench.layout_shapes(layout, 2_000_000)
     numel = sum(math.prod(s) for s in shapes)
     assert 0.5 < numel / 2_000_000 < 1.6
     assert len(shapes) == {"one": 1, "resnet20": 86, "transformer": 144, "tiny": 400}[layout]
+
+
+def test_host_layout_times_400_and_86_tensors_of_16_against_fused_adamw(tmp_path):
+    """The host-overhead rows: whatever --sizes says, 400 and 86 tensors of 16 elements."""
+    backends = [b for b in available_backends() if b in ("cpu", "foreach")]
+    bench.main(["--sizes", "1e6", "--layouts", "host", "--backends", *backends, "--no-progress",
+                "--json", str(tmp_path / "host.json")])
+    rows = {(r["backend"], r["ntensors"], r["numel"]) for r in json.loads((tmp_path / "host.json").read_text())}
+    for backend in ["adamw_fused", *backends]:
+        assert {(backend, 400, 6400), (backend, 86, 1376)} <= rows
 
 
 def test_bytes_model():

@@ -46,8 +46,8 @@ class Bucket:
     u_sums: list[Tensor]       # sum_k sqrt(s)*|g_k|, scratch
     bases: list[int]           # start of each tensor in the noise stream
     master_mean: bool          # True: means persist across steps (bf16/fp16 params)
-    keys: list[int]            # id() of the optimizer's parameter of each (the DTensor for
-                               # a shard): how the optimizer finds its gradient
+    owners: list[Tensor]       # the optimizer's parameter of each (the DTensor of a shard):
+                               # whose .grad is its gradient
 
     @property
     def device(self) -> torch.device:
@@ -59,6 +59,10 @@ class Backend:
 
     name: str = "?"
     priority = 0          # "auto" tries the available backends by descending priority
+    # True if every phase checks its tensors (device, dtype, shape, layout) before it
+    # touches memory, so gradients may be handed over unchecked: the step checks them in
+    # Python only when a phase refuses them (see phases.py).
+    checks_inputs = False
     # True if sample() takes the noise counter from a device tensor and update() can skip
     # a step on a device-side flag: what capturable=True and GradScaler steps need to run
     # without host synchronisation.
@@ -81,8 +85,10 @@ class Backend:
                 inv_scale: Optional[Tensor], first_part: bool, found_inf: Tensor) -> None:
         raise NotImplementedError
 
-    def check_finite(self, grads: list[Tensor], found_inf: Tensor) -> None:
-        raise NotImplementedError
+    def check_finite(self, grads: list[Tensor], found_inf: Tensor, like: Optional[list[Tensor]] = None) -> None:
+        """found_inf := 1 if a gradient holds inf or NaN; `like`: the parameters the
+        gradients must match (checked by backends that check their inputs)."""
+        mark_non_finite(grads, found_inf)
 
     def update(self, b: Bucket, grads: list[Tensor], grad_factor: Scalar, u_factor: float,
                lr: Scalar, beta1: float, beta2: float, weight_decay: float,

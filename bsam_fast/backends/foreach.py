@@ -58,9 +58,6 @@ class ForeachBackend(Backend):
         torch._foreach_add_(e, b.means)
         torch._foreach_copy_(b.params, e)
 
-    def check_finite(self, grads: list[Tensor], found_inf: Tensor) -> None:
-        mark_non_finite(grads, found_inf)
-
     def prepare_update(self, b: Bucket, grads: list[Tensor], grad_factor: Scalar, u_factor: float,
                        lr: Scalar, beta1: float, beta2: float, weight_decay: float,
                        damping: float, skip_if: Optional[Tensor] = None) -> Callable[[], None]:

@@ -16,6 +16,7 @@ from .base import Backend, Bucket, Scalar
 class FusedBackend(Backend):
     device_type = "?"
     device_side = True
+    checks_inputs = True
 
     @classmethod
     def is_available(cls) -> bool:
@@ -57,8 +58,8 @@ class FusedBackend(Backend):
         _ops.perturb_(b.params, grads, b.means, b.precisions, b.u_sums, rho, inv_scale,
                       first_part, found_inf)
 
-    def check_finite(self, grads: list[Tensor], found_inf: Tensor) -> None:
-        _ops.check_finite_(grads, found_inf)
+    def check_finite(self, grads: list[Tensor], found_inf: Tensor, like: Optional[list[Tensor]] = None) -> None:
+        _ops.check_finite_(grads, found_inf, like)
 
     def prepare_update(self, b: Bucket, grads: list[Tensor], grad_factor: Scalar, u_factor: float,
                        lr: Scalar, beta1: float, beta2: float, weight_decay: float,

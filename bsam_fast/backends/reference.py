@@ -88,9 +88,6 @@ class ReferenceBackend(Backend):
             u.copy_(magnitude if first_part else u + magnitude)
             p.copy_(perturbed_point(w, s, g, rho))
 
-    def check_finite(self, grads: list[Tensor], found_inf: Tensor) -> None:
-        mark_non_finite(grads, found_inf)
-
     def prepare_update(self, b: Bucket, grads: list[Tensor], grad_factor: Scalar, u_factor: float,
                        lr: Scalar, beta1: float, beta2: float, weight_decay: float,
                        damping: float, skip_if: Optional[Tensor] = None) -> Callable[[], None]:

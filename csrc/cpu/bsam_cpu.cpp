@@ -242,8 +242,9 @@ void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList mea
 }
 
 // ------------------------------------------------------------------------------ check_finite_
-void check_finite_cpu(at::TensorList tensors, const at::Tensor& found_inf) {
-  check_params(tensors, at::kCPU, "tensors");
+void check_finite_cpu(at::TensorList tensors, const at::Tensor& found_inf,
+                      std::optional<at::TensorList> like) {
+  check_finite_args(tensors, like, at::kCPU);
   if (tensors.empty()) return;
   check_found_inf(found_inf, at::kCPU, tensors[0].device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tensors[0].scalar_type(), "bsam_check_finite", [&] {

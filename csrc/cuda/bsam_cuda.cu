@@ -74,8 +74,9 @@ void perturb_cuda(at::TensorList params, at::TensorList grads, at::TensorList me
                  found_inf, rho_tensor);
 }
 
-void check_finite_cuda(at::TensorList tensors, const at::Tensor& found_inf) {
-  check_params(tensors, at::kCUDA, "tensors");
+void check_finite_cuda(at::TensorList tensors, const at::Tensor& found_inf,
+                       std::optional<at::TensorList> like) {
+  check_finite_args(tensors, like, at::kCUDA);
   if (tensors.empty()) return;
   check_found_inf(found_inf, at::kCUDA, tensors[0].device());
   const c10::cuda::CUDAGuard guard(tensors[0].device());

@@ -206,7 +206,7 @@ using SampleOp = void(at::TensorList, at::TensorList, at::TensorList, at::IntArr
                       std::optional<at::TensorList>, const std::optional<at::Tensor>&);
 using PerturbOp = void(at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList, double,
                        const std::optional<at::Tensor>&, bool, const at::Tensor&, const std::optional<at::Tensor>&);
-using CheckOp = void(at::TensorList, const at::Tensor&);
+using CheckOp = void(at::TensorList, const at::Tensor&, std::optional<at::TensorList>);
 using UpdateOp = void(at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
                       const std::optional<at::Tensor>&, double, double, double, double, double, double, double, bool,
                       const std::optional<at::Tensor>&, const std::optional<at::Tensor>&);
@@ -290,7 +290,7 @@ void test_non_finite_in_tail(const Layout& layout, at::ScalarType dtype, int64_t
     while (g[last].numel() == 0) --last;
     g[last][g[last].numel() - 1] = bad;
     at::Tensor f_cpu = at::zeros({1}, at::kFloat), f_emu = at::zeros({1}, at::kFloat);
-    cpu_check.call(g, f_cpu);
+    cpu_check.call(g, f_cpu, std::nullopt);
     int launches = 0;
     bsam::launch_check_finite(EmulatedLaunch{grid, &launches}, g, f_emu);
     EXPECT(f_cpu.item<float>() == 1.0f && f_emu.item<float>() == 1.0f);

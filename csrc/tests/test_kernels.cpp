@@ -89,20 +89,31 @@ void test_sample_and_update_values() {
 }
 
 void test_non_finite_and_bad_input() {
-  auto check = op("bsam_fast::check_finite_").typed<void(at::TensorList, const at::Tensor&)>();
+  auto check = op("bsam_fast::check_finite_").typed<void(at::TensorList, const at::Tensor&, std::optional<at::TensorList>)>();
   at::Tensor found = at::zeros({1}, at::kFloat), g = at::ones({100}, at::kFloat);
-  check.call({g}, found);
+  check.call({g}, found, std::nullopt);
   EXPECT(found.item<float>() == 0.0f);
   g[57] = INFINITY;
-  check.call({g}, found);
+  check.call({g}, found, std::nullopt);
   EXPECT(found.item<float>() == 1.0f);
   bool threw = false;
   try {
-    check.call({g}, at::zeros({2}, at::kFloat));
+    check.call({g}, at::zeros({2}, at::kFloat), std::nullopt);
   } catch (const c10::Error& e) {
     threw = std::string(e.what()).find("found_inf must be a one-element float32 tensor") != std::string::npos;
   }
   EXPECT(threw);
+  // like: each gradient must match its parameter (here in shape), checked before any read.
+  const std::vector<at::Tensor> params{at::zeros({100}, at::kFloat)};
+  const std::vector<at::Tensor> wrong{at::ones({10, 10}, at::kFloat)};
+  threw = false;
+  try {
+    check.call(wrong, found, at::TensorList(params));
+  } catch (const c10::Error& e) {
+    threw = std::string(e.what()).find("grads[0] must have shape") != std::string::npos;
+  }
+  EXPECT(threw);
+  check.call({g}, found, at::TensorList(params));  // a match passes
 }
 
 }  // namespace

@@ -1,0 +1,143 @@
+"""The functional core of a bSAM step: each phase over a step plan's buckets, with every
+input passed in. ``BSAM`` (``optimizer.py``) owns the state and the step machine and
+calls these; the arithmetic of a bucket is its backend's (``backends/``)::
+
+    sample_noise()  ->  sample                      p = w + xi / sqrt(N s)
+    perturb()       ->  perturb                     u (+)= sqrt(s)|g|,  p = w + rho g / s
+    step()          ->  check_finite, then          inf/NaN flags of the perturbed gradients
+                        prepare_update + commit     gm, w, s updated,  p = w
+    cancel / skip   ->  restore                     p = w
+
+``work`` is a list of (param group, its buckets), one entry per group.
+
+Gradients: a backend that checks its inputs (the fused kernels: device, dtype, shape and
+layout, before they touch memory) is handed the ``.grad`` of its buckets unchecked; only
+if it refuses them does the Python check run (``_checks.check_gradients``), which
+converts what it can (another floating dtype, not contiguous: every backend then gets
+the same input) or raises an error that names the problem. Other backends get checked
+gradients. In the update every bucket's gradients are accepted (by ``check_finite``)
+before any bucket is written.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from ._checks import check_gradients
+from .backends.base import Backend, Bucket
+
+Work = list[tuple[dict, list[Bucket]]]
+FlagOf = Callable[[torch.device], Tensor]
+
+
+def inverse(scale: Tensor) -> Tensor:
+    """1/scale of a GradScaler's scale, on its device, as float32 (computed in float64)."""
+    return scale.double().reciprocal().float()
+
+
+def scalar(value):
+    """A one-element tensor hyperparameter (lr, rho) as a 0-dim view (the backends broadcast
+    it over 0-dim and larger parameters alike); a float as it is."""
+    return value.reshape(()) if isinstance(value, Tensor) else value
+
+
+def grad_factor(inv_scale: Optional[Tensor], m: int, b: Bucket):
+    """1/m, times a GradScaler's 1/scale on the bucket's device in its opmath dtype (float64
+    for float64 parameters: every backend reads the factor in the arithmetic's precision)."""
+    if inv_scale is None:
+        return 1.0 / m
+    return inv_scale.to(device=b.device, dtype=torch.float64).div(m).to(b.means[0].dtype)
+
+
+def gradients(work: Work, checked: bool) -> list[list[list[Tensor]]]:
+    """Per group and bucket, the .grad of the bucket's parameters: checked, or as they are."""
+    if checked:
+        return [[check_gradients(b.owners) for b in buckets] for _, buckets in work]
+    return [[[p.grad for p in b.owners] for b in buckets] for _, buckets in work]
+
+
+def missing_gradients(work: Work) -> int:
+    """How many parameters of the work have no gradient."""
+    return len([p for _, buckets in work for b in buckets for p in b.owners if p.grad is None])
+
+
+def _accepted(backend: Backend, op: Callable[[list[Tensor]], None], b: Bucket,
+              grads: list[Tensor]) -> list[Tensor]:
+    """op(grads). A backend that checks its inputs may refuse unchecked gradients before it
+    touches memory: they are then checked in Python (converted, or the problem named) and
+    op runs again on converted ones; an error that is not about them is raised as it is.
+    Returns the gradients op took."""
+    if not backend.checks_inputs:         # given checked gradients
+        op(grads)
+        return grads
+    try:
+        op(grads)
+        return grads
+    except RuntimeError:
+        checked = check_gradients(b.owners)       # raises, naming the problem, if there is one
+        if all(c is g for c, g in zip(checked, grads)):
+            raise                                 # not the gradients: the op's own error
+    op(checked)
+    return checked
+
+
+def sample(backend: Backend, work: Work, key: int, offset: int, noise: Optional[dict], first_part: bool,
+           offset_tensor: Optional[FlagOf]) -> None:
+    """Phase 1: parameters := a posterior sample. noise: {id(parameter): xi}, or None for
+    the stream's draw `offset`; offset_tensor(device): the device counter (capturable)."""
+    for group, buckets in work:
+        for b in buckets:
+            xi = None if noise is None else [noise[id(p)] for p in b.owners]
+            backend.sample(b, group["num_data"], key, offset, xi, load_mean=first_part and not b.master_mean,
+                           offset_tensor=None if offset_tensor is None else offset_tensor(b.device))
+
+
+def perturb(backend: Backend, work: Work, grads: list[list[list[Tensor]]], inv_scale: Optional[Tensor],
+            first_part: bool, found_noisy: FlagOf) -> None:
+    """Phase 2: u (+)= sqrt(s)|g|, parameters := w + rho g / s (g: the noisy gradients)."""
+    for (group, buckets), group_grads in zip(work, grads):
+        rho = scalar(group["rho"])
+        for b, g in zip(buckets, group_grads):
+            scale = None if inv_scale is None else inv_scale.to(b.device)
+            flag = found_noisy(b.device)
+            _accepted(backend, lambda gs: backend.perturb(b, gs, rho, scale, first_part, flag), b, g)
+
+
+def check_finite(backend: Backend, work: Work, grads: list[list[list[Tensor]]],
+                 found_perturbed: FlagOf) -> list[list[list[Tensor]]]:
+    """Flag inf/NaN in the perturbed gradients; returns them as every bucket accepted them."""
+    return [[_accepted(backend, lambda gs: backend.check_finite(gs, found_perturbed(b.device), b.params), b, g)
+             for b, g in zip(buckets, group_grads)]
+            for (_, buckets), group_grads in zip(work, grads)]
+
+
+def prepare_updates(backend: Backend, work: Work, grads: list[list[list[Tensor]]], m: int, u_factor: float,
+                    inv_scale: Optional[Tensor], skip_flag: Optional[FlagOf]) -> list[Callable[[], None]]:
+    """Phase 3, computed: the commits that write momentum, mean, precision and parameters
+    (skipped on the device where skip_flag(device) is non-zero)."""
+    commits = []
+    for (group, buckets), group_grads in zip(work, grads):
+        beta1, beta2 = group["betas"]
+        for b, g in zip(buckets, group_grads):
+            commits.append(backend.prepare_update(
+                b, g, grad_factor(inv_scale, m, b), u_factor, scalar(group["lr"]), beta1, beta2,
+                group["weight_decay"], group["damping"], skip_if=None if skip_flag is None else skip_flag(b.device)))
+    return commits
+
+
+def restore(backend: Backend, work: Work) -> None:
+    """Parameters := their mean (a cancelled or skipped step, parameters without a gradient)."""
+    for _, buckets in work:
+        for b in buckets:
+            backend.restore(b)
+
+
+def total_flag(flags: list[Tensor], home: torch.device) -> Optional[Tensor]:
+    """The sum of inf/NaN flags (float32) on one device, or None if there are none."""
+    total = None
+    for flag in flags:
+        flag = flag.to(device=home, dtype=torch.float32)
+        total = flag if total is None else total + flag
+    return total

@@ -1,0 +1,91 @@
+"""The step plan: the tensor lists every phase of a step works on, built once and reused.
+
+A plan holds, per param group, the parameters in the posterior (``requires_grad``) and
+their *buckets*: the parameters of one device and dtype (and apart, FSDP2 shards whose
+noise does not start at a Philox block), each with its means, momenta, precisions, u
+buffers and noise bases (``backends.base.Bucket``). A backend's phase is one call per
+bucket, so a step costs a few calls whatever the number of tensors.
+
+Building a plan validates nothing per step and allocates the scratch buffers; checking
+that it still holds is one pass over the parameters in C (``is_current``): the same
+tensors in the same groups, the same ``requires_grad``, the same storage (a model
+converted or moved after construction, ``p.data = ...``). What the optimizer changes
+itself (``add_param_group``, ``load_state_dict``, state made again before the first step)
+drops the plan explicitly.
+"""
+from __future__ import annotations
+
+import operator
+from collections import defaultdict
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from .backends.base import Bucket, opmath_dtype
+from .sharded import is_sharded, local
+from .tensor_state import scratch_buffer
+
+_requires_grad = operator.attrgetter("requires_grad")
+
+
+def buckets_of(params: list[Tensor], state, noise_base: dict, scratch: dict) -> list[Bucket]:
+    """Buckets of the parameters (local shards of FSDP2 parameters), by device and dtype,
+    and apart those whose noise does not start at a Philox block (a shard starting
+    mid-block: the fused kernels cannot draw it, see ``FusedBackend.sample``)."""
+    by_key: dict[tuple, list[Tensor]] = defaultdict(list)
+    for p in params:
+        by_key[(p.device, p.dtype, noise_base[p] % 4 == 0)].append(p)
+    buckets = []
+    for (_, dtype, _), ps in by_key.items():
+        states = [state[p] for p in ps]
+        master = opmath_dtype(dtype) != dtype
+        buckets.append(Bucket(
+            params=[local(p) for p in ps],
+            means=[st["mean"] if master else scratch_buffer(scratch, p, "mean") for p, st in zip(ps, states)],
+            momenta=[st["momentum"] for st in states],
+            precisions=[st["precision"] for st in states],
+            u_sums=[scratch_buffer(scratch, p, "u") for p in ps],
+            bases=[noise_base[p] for p in ps],
+            master_mean=master,
+            owners=ps))
+    return buckets
+
+
+@dataclass
+class GroupPlan:
+    params: list[Tensor]       # the group's parameters in the posterior, in group order
+    buckets: list[Bucket]
+
+
+class StepPlan:
+    def __init__(self, param_groups: list[dict], state, noise_base: dict, scratch: dict):
+        self.groups = []
+        for group in param_groups:
+            params = [p for p in group["params"] if p.requires_grad]
+            self.groups.append(GroupPlan(params, buckets_of(params, state, noise_base, scratch)))
+        self.sharded = any(is_sharded(p) for g in param_groups for p in g["params"])
+        self._stamp = self._stamp_of(param_groups)
+
+    def _stamp_of(self, param_groups: list[dict]) -> list:
+        stamp = []
+        for group in param_groups:
+            params = group["params"]
+            tensors = [local(p) for p in params] if self.sharded else params
+            stamp.append((list(map(id, params)), list(map(_requires_grad, params)), list(map(id, tensors)),
+                          list(map(Tensor.data_ptr, tensors))))
+        return stamp
+
+    def is_current(self, param_groups: list[dict]) -> bool:
+        """True if the parameters are those the plan was built from (see the module docstring)."""
+        return len(param_groups) == len(self.groups) and self._stamp_of(param_groups) == self._stamp
+
+
+class PlanCache:
+    """Holds the current plan. One object, changed in place, so that a copy of the
+    optimizer's ``__dict__`` (Lightning's wrapper) shares it."""
+
+    def __init__(self):
+        self.plan = None
+
+    def drop(self) -> None:
+        self.plan = None
