@@ -12,6 +12,21 @@ from torch import Tensor
 from .sharded import is_sharded, local, local_like, unsupported_reason
 
 
+def listed(params) -> list:
+    """The constructor's params as lists (a generator, also a group's, can be read twice)."""
+    if isinstance(params, Tensor):
+        return params                       # torch.optim's error names it
+    return [dict(g, params=[g["params"]] if isinstance(g["params"], Tensor) else list(g["params"]))
+            if isinstance(g, dict) and "params" in g else g for g in params]
+
+
+def tensors_in(groups) -> list[Tensor]:
+    """The tensors among the constructor's params (groups, tensors, (name, tensor) pairs)."""
+    items = [x for g in groups for x in (g.get("params", []) if isinstance(g, dict) else [g])]
+    items = [x[1] if isinstance(x, tuple) and len(x) == 2 else x for x in items]
+    return [x for x in items if isinstance(x, Tensor)]
+
+
 HYPERPARAMETERS = ("lr", "num_data", "rho", "betas", "weight_decay", "damping", "s_init")
 
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from . import sharded
+from . import distributed, sharded
+from ._checks import check_state_dict
 from .backends.base import opmath_dtype
 
 STREAM_KEY = "bsam_stream"
@@ -63,6 +64,24 @@ def normalised(state_dict: dict, params: list[Tensor]) -> dict:
     return out
 
 
+def checked(state_dict: dict, params: list[Tensor], shard_group) -> dict:
+    """The state_dict normalised and checked before anything is loaded (a refused load
+    changes nothing); under FSDP2 every rank checks its shards and all load, or none."""
+    refused = None
+    try:
+        state_dict = normalised(state_dict, params)
+        check_state_dict(state_dict, params)
+    except ValueError as exc:
+        refused = exc
+    if shard_group is not None:
+        if not distributed.all_agree(shard_group, refused is None, sharded.local(params[0]).device):
+            raise refused or ValueError("another rank refused its shard of this state_dict; "
+                                        "nothing was loaded")
+    if refused is not None:
+        raise refused
+    return state_dict
+
+
 def saved_states(state_dict: dict) -> dict:
     """{saved index: a copy of its state dict}, taken before torch.optim's load, which casts
     floating state to the parameter's dtype (rounding the fp32 state of bf16/fp16
@@ -85,5 +104,5 @@ def restore_states(saved: dict, params: list[Tensor], state, unstepped: set) -> 
                 unstepped.add(p)
 
 
-__all__ = ["STREAM_KEY", "UNSTEPPED_KEY", "add_stream_and_states", "normalised", "saved_states",
+__all__ = ["STREAM_KEY", "UNSTEPPED_KEY", "add_stream_and_states", "normalised", "checked", "saved_states",
            "restore_states"]

@@ -20,6 +20,26 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from . import sharded
+
+
+def setup(params: Sequence[Tensor], seed: int, process_group, capturable: bool) -> tuple:
+    """BSAM's distributed setting: (DDP group, rank, world size, FSDP2 mesh group, seed).
+    Under DDP every rank draws its own stream (the shared seed and the rank); under FSDP2
+    every rank draws rank 0's stream and shares the inf/NaN flags over the mesh."""
+    shard_group = sharded.mesh_group(params)
+    if shard_group is not None:
+        if process_group is not None:
+            raise ValueError("process_group is for DistributedDataParallel (per-rank noise); "
+                             "FSDP2-sharded parameters bring their own mesh: leave it out")
+        if capturable:
+            raise ValueError("capturable=True is not supported with FSDP2-sharded parameters")
+        seed = broadcast_seed(shard_group, seed, sharded.local(params[0]).device)
+    if process_group is None:
+        return None, 0, 1, shard_group, seed
+    group, rank, world_size, seed = join_process_group(process_group, seed, params)
+    return group, rank, world_size, shard_group, seed
+
 
 def join_process_group(process_group, seed: int, params: Sequence[Tensor]) -> tuple:
     """``BSAM(..., process_group=...)``: (group, rank, world size, shared seed). Every rank

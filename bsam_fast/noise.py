@@ -29,6 +29,8 @@ from typing import Sequence
 
 import torch
 
+from .sharded import shard_start
+
 PHILOX_M0 = 0xD2511F53
 PHILOX_M1 = 0xCD9E8D57
 PHILOX_W0 = 0x9E3779B9
@@ -55,6 +57,16 @@ def noise_bases(numels: Sequence[int]) -> list[int]:
         bases.append(base)
         base += (int(n) + 3) // 4 * 4
     return bases
+
+
+def continued_bases(existing: dict, params: Sequence, starts: Sequence[int]) -> list[int]:
+    """Bases of parameters joining a stream laid out for `existing` ({parameter: base}):
+    after every tensor before. The layout is over whole tensors (an FSDP2 parameter's
+    numel is the full tensor's); a shard's base is where its first element lies (its
+    `start` in the full tensor). Computed from the existing bases, so that a wrapper's
+    copy of an optimizer's ``__dict__`` cannot hold a stale end."""
+    end = max((base - shard_start(p) + (p.numel() + 3) // 4 * 4 for p, base in existing.items()), default=0)
+    return [end + base + start for base, start in zip(noise_bases([p.numel() for p in params]), starts)]
 
 
 def _mulhilo(m: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,59 +17,15 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import checkpoint, distributed, gradients, phases, sharded, update
-from ._checks import (check_hyperparameters, check_noise, check_parameter, check_state_dict,
-                      check_unique)
+from ._checks import (check_hyperparameters, check_noise, check_parameter, check_unique, listed,
+                      tensors_in)
 from .backends import make_backend
-from .noise import noise_bases, seed_from_default_generator, stream_seed
-from .plan import PlanCache, StepPlan, buckets_of
+from .noise import continued_bases, seed_from_default_generator, stream_seed
+from .plan import PlanCache, StepPlan, split_by_gradient
 from .posterior import local_posterior_std, mean_of, sampled
 from .sharded import local
 from .step_state import IDLE, NOISY, PERTURBED, StepState
 from .tensor_state import init_state, memory_footprint, refresh_unstepped
-
-
-def split_batch(*tensors: Tensor, m: int) -> list[tuple[Tensor, ...]]:
-    """Split tensors along dim 0 into m equal parts: [(x_0, y_0, ...), ...].
-
-    Raises ValueError if m < 1 or the batch size is not divisible by m.
-    """
-    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-        raise ValueError(f"Invalid m: {m!r} (must be an integer >= 1)")
-    if not tensors:
-        raise ValueError("split_batch needs at least one tensor")
-    size = tensors[0].shape[0]
-    for t in tensors:
-        if t.shape[0] != size:
-            raise ValueError(f"split_batch: tensors disagree on the batch size "
-                             f"({t.shape[0]} vs {size})")
-    if size % m:
-        raise ValueError(f"Invalid m: a batch of {size} is not divisible into m={m} parts")
-    return list(zip(*(t.chunk(m) for t in tensors)))
-
-
-def _listed(params) -> list:
-    """The constructor's params as lists (a generator, also a group's, can be read twice)."""
-    if isinstance(params, Tensor):
-        return params                       # torch.optim's error names it
-    return [dict(g, params=[g["params"]] if isinstance(g["params"], Tensor) else list(g["params"]))
-            if isinstance(g, dict) and "params" in g else g for g in params]
-
-
-def _tensors_of(groups) -> list[Tensor]:
-    """The tensors among the constructor's params (groups, tensors, (name, tensor) pairs)."""
-    items = [x for g in groups for x in (g.get("params", []) if isinstance(g, dict) else [g])]
-    items = [x[1] if isinstance(x, tuple) and len(x) == 2 else x for x in items]
-    return [x for x in items if isinstance(x, Tensor)]
-
-
-def _unscaled_by(scaler, optimizer) -> bool:
-    """True if `scaler` (the GradScaler perturb() saw) has unscaled the optimizer's
-    gradients since its last update() (``scaler.unscale_(opt)``, e.g. to clip)."""
-    if scaler is None:
-        return False
-    from torch.amp.grad_scaler import OptState
-    state = getattr(scaler, "_per_optimizer_states", {}).get(id(optimizer))
-    return state is not None and state.get("stage") is OptState.UNSCALED
 
 
 class BSAM(Optimizer):
@@ -112,8 +68,8 @@ class BSAM(Optimizer):
         defaults = dict(lr=lr, num_data=num_data, rho=rho, betas=tuple(betas),
                         weight_decay=weight_decay, damping=damping, s_init=s_init)
         check_hyperparameters(defaults)
-        params = _listed(params)
-        tensors = _tensors_of(params)
+        params = listed(params)
+        tensors = tensors_in(params)
         for p in tensors:
             check_parameter(p)
         # Resolved before the groups join (add_param_group checks against them).
@@ -122,21 +78,11 @@ class BSAM(Optimizer):
             seed = seed_from_default_generator()
         if not isinstance(seed, int) or not 0 <= seed < 2 ** 64:
             raise ValueError(f"Invalid seed: {seed!r} (must be an int in [0, 2**64))")
-        self._group, self._rank, self._world_size = None, 0, 1
-        # FSDP2: the sharded parameters' mesh, over which the inf/NaN flags are shared;
-        # every rank draws rank 0's stream (see sharded.py).
-        self._shard_group = sharded.mesh_group(tensors)
-        if self._shard_group is not None:
-            if process_group is not None:
-                raise ValueError("process_group is for DistributedDataParallel (per-rank noise); "
-                                 "FSDP2-sharded parameters bring their own mesh: leave it out")
-            if capturable:
-                raise ValueError("capturable=True is not supported with FSDP2-sharded parameters")
-            seed = distributed.broadcast_seed(self._shard_group, seed, local(tensors[0]).device)
+        # DDP (process_group): per-rank noise streams; FSDP2: the sharded parameters' mesh,
+        # over which the inf/NaN flags are shared (every rank draws rank 0's stream).
+        (self._group, self._rank, self._world_size, self._shard_group, seed) = distributed.setup(
+            tensors, seed, process_group, capturable)
         self._fsdp_modules = sharded.owning_modules(tensors) if self._shard_group is not None else []
-        if process_group is not None:
-            self._group, self._rank, self._world_size, seed = distributed.join_process_group(
-                process_group, seed, tensors)
         if capturable and not self._backend.device_side:
             raise ValueError(f"capturable=True needs a fused backend ('cuda' or 'cpu'), not "
                              f"{self.backend!r}")
@@ -176,14 +122,8 @@ class BSAM(Optimizer):
         except Exception:
             self.param_groups.pop()
             raise
-        # The stream continues after the groups before (computed from the shared dict, so
-        # that a wrapper's copy of this optimizer's __dict__ cannot hold a stale end). It
-        # is laid out over whole tensors (an FSDP2 parameter's numel is the full tensor's);
-        # a shard's base is where its first element lies.
-        end = max((base - sharded.shard_start(p) + (p.numel() + 3) // 4 * 4
-                   for p, base in self._noise_base.items()), default=0)
-        for p, base, start in zip(group["params"], noise_bases([p.numel() for p in group["params"]]), starts):
-            self._noise_base[p] = end + base + start
+        for p, base in zip(group["params"], continued_bases(self._noise_base, group["params"], starts)):
+            self._noise_base[p] = base
         if self._capturable:
             for p in group["params"]:
                 self._state.offset_tensor(p.device)
@@ -306,18 +246,17 @@ class BSAM(Optimizer):
         if st.phase != NOISY:
             raise RuntimeError("perturb() must follow sample_noise() and a backward() at "
                                "the noisy point")
-        inv_scale = None
         if grad_scaler is not None and grad_scaler.is_enabled():
-            scale = getattr(grad_scaler, "_scale", None)
-            if scale is None:
+            try:
+                inv_scale = update.inverse_scale_of(grad_scaler)
+            except RuntimeError:
                 self.cancel_step()
-                raise RuntimeError("perturb(grad_scaler=...): the scaler has not scaled a "
-                                   "loss yet (call scaler.scale(loss).backward() first)")
-            inv_scale = phases.inverse(scale)
+                raise
             # Kept for step(): the perturbed gradients carry the same scale, also when the
             # step is finished by opt.step() rather than scaler.step(opt).
-            st.scaler_inv_scale = inv_scale
-            st.scaler = grad_scaler
+            st.scaler_inv_scale, st.scaler = inv_scale, grad_scaler
+        else:
+            inv_scale = None
         first_part = st.parts == 0
         try:
             active, active_work, idle_work = self._active_work()
@@ -350,13 +289,7 @@ class BSAM(Optimizer):
         st = self._state
         if not phases.missing_gradients(st.sampled):       # the usual case: the plan's buckets
             return [gp.params for gp in st.plan.groups], st.sampled, []
-        active = [[p for p in gp.params if p.grad is not None] for gp in st.plan.groups]
-        idle = [[p for p in gp.params if p.grad is None] for gp in st.plan.groups]
-
-        def work(per_group):
-            return [(g, buckets_of(ps, self.state, self._noise_base, self._scratch))
-                    for g, ps in zip(self.param_groups, per_group)]
-        return active, work(active), work(idle)
+        return split_by_gradient(st.plan, self.param_groups, self.state, self._noise_base, self._scratch)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As torch.optim's, but refused (before anything changes) while ``.grad`` holds
@@ -449,7 +382,7 @@ class BSAM(Optimizer):
                 with torch.enable_grad():
                     closure(k)
                 self.perturb()
-                losses.append(self._closure_onto_sum(lambda: closure(k)))
+                losses.append(gradients.run_onto_sum(self._state.active, lambda: closure(k)))
         except BaseException:
             self.cancel_step()
             raise
@@ -471,9 +404,6 @@ class BSAM(Optimizer):
                           "alone. Call zero_grad() before sample_noise(); gradients cannot be "
                           "accumulated across bSAM steps (use m parts: step_parts).",
                           RuntimeWarning, stacklevel=4)
-
-    def _closure_onto_sum(self, closure):
-        return gradients.run_onto_sum(self._state.active, closure)
 
     def _check_perturbed_present(self) -> None:
         missing = phases.missing_gradients(self._state.active_work)
@@ -513,36 +443,21 @@ class BSAM(Optimizer):
 
     def _update(self, grads) -> None:
         st = self._state
-        m = st.parts
-        if self._group is not None:          # DDP: u and the noisy flags summed over ranks
-            u_sums = [u for _, buckets in st.active_work for b in buckets for u in b.u_sums]
-            devices = dict.fromkeys([u.device for u in u_sums] + list(st.found["noisy"]))
-            distributed.all_reduce_u_and_flags(self._group, u_sums, [st.found_flag("noisy", d) for d in devices])
-        elif self._shard_group is not None:
-            # FSDP2: each rank checked its own rows; all skip if any found inf/NaN.
-            distributed.all_reduce_u_and_flags(self._shard_group, [], st.all_found_flags())
+        update.reduce_across_ranks(st, self._group, self._shard_group)
         scaler_found = getattr(self, "found_inf", None)
-        # The perturbed gradients' scale: scaler.step(opt) sets grad_scale (None when
-        # scaler.unscale_(opt) came first: the gradients are unscaled already); a step
-        # finished by opt.step() after perturb(grad_scaler=) uses the scale perturb() saw.
-        if hasattr(self, "grad_scale"):
-            inv_scale = None if self.grad_scale is None else phases.inverse(self.grad_scale)
-        elif _unscaled_by(st.scaler, self):       # scaler.unscale_(opt); opt.step()
-            inv_scale = None
-        else:
-            inv_scale = st.scaler_inv_scale
-        u_factor = 1.0 / (m * self._world_size)      # u_sums were summed over ranks
-        scaled = st.used_scaler or hasattr(self, "grad_scale") or scaler_found is not None
+        set_by_scaler = hasattr(self, "grad_scale")
+        inv_scale = update.perturbed_inv_scale(st, set_by_scaler, getattr(self, "grad_scale", None),
+                                               update.unscaled_by(st.scaler, self))
+        u_factor = 1.0 / (st.parts * self._world_size)      # u_sums were summed over ranks
+        scaled = st.used_scaler or set_by_scaler or scaler_found is not None
         if self._backend.device_side:
             # (Under capturable=True nothing is watched: a graph replays the step, and an
             # event queried inside a capture would break it.)
-            update.update_on_device(self._backend, st, grads, m, u_factor, inv_scale, scaler_found,
+            update.update_on_device(self._backend, st, grads, u_factor, inv_scale, scaler_found,
                                     watch=not (scaled or self._capturable))
         else:
-            bad = update.update_on_host(self._backend, st, grads, m, u_factor, inv_scale, scaler_found)
+            bad = update.update_on_host(self._backend, st, grads, u_factor, inv_scale, scaler_found)
             if bad is not None and not scaled:
-                # A non-finite noisy gradient makes the perturbed point, and so the
-                # perturbed gradient, non-finite too: name the first one.
                 self._warn_skipped(bad, self.skipped_steps, stacklevel=6)
         st.begin()
 
@@ -626,18 +541,7 @@ class BSAM(Optimizer):
         if self._state.phase != IDLE:
             raise RuntimeError("load_state_dict() inside an unfinished bSAM step")
         params = self._params()
-        refused = None
-        try:
-            state_dict = checkpoint.normalised(state_dict, params)
-            check_state_dict(state_dict, params)   # before anything is loaded
-        except ValueError as exc:
-            refused = exc
-        if self._shard_group is not None:       # each rank checked its shards: all load, or none
-            if not distributed.all_agree(self._shard_group, refused is None, local(params[0]).device):
-                raise refused or ValueError("another rank refused its shard of this state_dict; "
-                                            "nothing was loaded")
-        if refused is not None:
-            raise refused
+        state_dict = checkpoint.checked(state_dict, params, self._shard_group)
         saved = checkpoint.saved_states(state_dict)
         super().load_state_dict(state_dict)
         checkpoint.restore_states(saved, params, self.state, self._unstepped)

@@ -36,7 +36,7 @@ def buckets_of(params: list[Tensor], state, noise_base: dict, scratch: dict) -> 
     for p in params:
         by_key[(p.device, p.dtype, noise_base[p] % 4 == 0)].append(p)
     buckets = []
-    for (_, dtype, _), ps in by_key.items():
+    for (_, dtype, aligned), ps in by_key.items():
         states = [state[p] for p in ps]
         master = opmath_dtype(dtype) != dtype
         buckets.append(Bucket(
@@ -47,7 +47,8 @@ def buckets_of(params: list[Tensor], state, noise_base: dict, scratch: dict) -> 
             u_sums=[scratch_buffer(scratch, p, "u") for p in ps],
             bases=[noise_base[p] for p in ps],
             master_mean=master,
-            owners=ps))
+            owners=ps,
+            aligned=aligned))
     return buckets
 
 
@@ -78,6 +79,18 @@ class StepPlan:
     def is_current(self, param_groups: list[dict]) -> bool:
         """True if the parameters are those the plan was built from (see the module docstring)."""
         return len(param_groups) == len(self.groups) and self._stamp_of(param_groups) == self._stamp
+
+
+def split_by_gradient(plan: StepPlan, param_groups: list[dict], state, noise_base: dict,
+                      scratch: dict) -> tuple[list, list, list]:
+    """When some parameters have no gradient: (per group, those with one; buckets of those;
+    buckets of those without), made for this step."""
+    active = [[p for p in gp.params if p.grad is not None] for gp in plan.groups]
+    idle = [[p for p in gp.params if p.grad is None] for gp in plan.groups]
+
+    def work(per_group):
+        return [(g, buckets_of(ps, state, noise_base, scratch)) for g, ps in zip(param_groups, per_group)]
+    return active, work(active), work(idle)
 
 
 class PlanCache:

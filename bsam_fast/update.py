@@ -17,20 +17,60 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import phases
+from . import distributed, phases
 from .backends.base import Backend
 from .step_state import StepState
 
 
-def _commit(backend: Backend, st: StepState, grads, m: int, u_factor: float, inv_scale: Optional[Tensor],
+def reduce_across_ranks(st: StepState, ddp_group, shard_group) -> None:
+    """DDP: u and the noisy inf/NaN flags summed over the ranks (the perturbed gradients
+    are DDP's to reduce); FSDP2: every flag shared (each rank checked its own rows)."""
+    if ddp_group is not None:
+        u_sums = [u for _, buckets in st.active_work for b in buckets for u in b.u_sums]
+        devices = dict.fromkeys([u.device for u in u_sums] + list(st.found["noisy"]))
+        distributed.all_reduce_u_and_flags(ddp_group, u_sums, [st.found_flag("noisy", d) for d in devices])
+    elif shard_group is not None:
+        distributed.all_reduce_u_and_flags(shard_group, [], st.all_found_flags())
+
+
+def inverse_scale_of(grad_scaler) -> Tensor:
+    """1/scale of the enabled GradScaler given to perturb()."""
+    scale = getattr(grad_scaler, "_scale", None)
+    if scale is None:
+        raise RuntimeError("perturb(grad_scaler=...): the scaler has not scaled a "
+                           "loss yet (call scaler.scale(loss).backward() first)")
+    return phases.inverse(scale)
+
+
+def unscaled_by(scaler, optimizer) -> bool:
+    """True if `scaler` (the GradScaler perturb() saw) has unscaled the optimizer's
+    gradients since its last update() (``scaler.unscale_(opt)``, e.g. to clip)."""
+    if scaler is None:
+        return False
+    from torch.amp.grad_scaler import OptState
+    state = getattr(scaler, "_per_optimizer_states", {}).get(id(optimizer))
+    return state is not None and state.get("stage") is OptState.UNSCALED
+
+
+def perturbed_inv_scale(st: StepState, set_by_scaler: bool, grad_scale: Optional[Tensor],
+                        unscaled: bool) -> Optional[Tensor]:
+    """1/scale of the perturbed gradients, or None: scaler.step(opt) sets grad_scale (None
+    when scaler.unscale_(opt) came first: the gradients are unscaled already); a step
+    finished by opt.step() after perturb(grad_scaler=) uses the scale perturb() saw."""
+    if set_by_scaler:
+        return None if grad_scale is None else phases.inverse(grad_scale)
+    return None if unscaled else st.scaler_inv_scale
+
+
+def _commit(backend: Backend, st: StepState, grads, u_factor: float, inv_scale: Optional[Tensor],
             skip_flag=None) -> None:
-    commits = phases.prepare_updates(backend, st.active_work, grads, m, u_factor, inv_scale, skip_flag)
+    commits = phases.prepare_updates(backend, st.active_work, grads, st.parts, u_factor, inv_scale, skip_flag)
     phases.restore(backend, st.idle_work)          # sampled, but no gradient: back to the mean
     for commit in commits:
         commit()
 
 
-def update_on_device(backend: Backend, st: StepState, grads, m: int, u_factor: float,
+def update_on_device(backend: Backend, st: StepState, grads, u_factor: float,
                      inv_scale: Optional[Tensor], scaler_found: Optional[Tensor], watch: bool) -> None:
     """The update, skipped on the device if any flag is set; watch: keep the flags for a
     report (the default step; a GradScaler's skips are its own business)."""
@@ -38,7 +78,7 @@ def update_on_device(backend: Backend, st: StepState, grads, m: int, u_factor: f
     noisy_flags, perturbed_flags = list(st.found["noisy"].values()), list(st.found["perturbed"].values())
     every = noisy_flags + perturbed_flags + ([scaler_found] if scaler_found is not None else [])
     if not every:                                       # nothing to check: never skip
-        _commit(backend, st, grads, m, u_factor, inv_scale)
+        _commit(backend, st, grads, u_factor, inv_scale)
         return
     home = counter.device if counter is not None else every[0].device
     noisy = phases.total_flag(noisy_flags, home)
@@ -51,13 +91,13 @@ def update_on_device(backend: Backend, st: StepState, grads, m: int, u_factor: f
         if device not in per_device:
             per_device[device] = total.to(device)
         return per_device[device]
-    _commit(backend, st, grads, m, u_factor, inv_scale, skip_flag)
+    _commit(backend, st, grads, u_factor, inv_scale, skip_flag)
     if watch:
         zero = torch.zeros((), device=home)
         st.watch_device_skip(zero if noisy is None else noisy, zero if perturbed is None else perturbed)
 
 
-def update_on_host(backend: Backend, st: StepState, grads, m: int, u_factor: float,
+def update_on_host(backend: Backend, st: StepState, grads, u_factor: float,
                    inv_scale: Optional[Tensor], scaler_found: Optional[Tensor]) -> Optional[str]:
     """The update, or a skip decided on the host: returns None, or what was not finite
     ("noisy", "perturbed" or "scaler"; the parameters are then back at the mean)."""
@@ -68,5 +108,5 @@ def update_on_host(backend: Backend, st: StepState, grads, m: int, u_factor: flo
         phases.restore(backend, st.sampled)
         st.skipped += 1
         return bad
-    _commit(backend, st, grads, m, u_factor, inv_scale)
+    _commit(backend, st, grads, u_factor, inv_scale)
     return None

@@ -48,6 +48,7 @@ class Bucket:
     master_mean: bool          # True: means persist across steps (bf16/fp16 params)
     owners: list[Tensor]       # the optimizer's parameter of each (the DTensor of a shard):
                                # whose .grad is its gradient
+    aligned: bool = True       # every base a multiple of 4 (see FusedBackend.sample)
 
     @property
     def device(self) -> torch.device:

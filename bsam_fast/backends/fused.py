@@ -45,7 +45,7 @@ class FusedBackend(Backend):
                noise: Optional[Sequence[Tensor]], load_mean: bool,
                offset_tensor: Optional[Tensor] = None) -> None:
         bases = b.bases
-        if noise is None and any(base % 4 for base in bases):
+        if noise is None and not b.aligned:
             noise = _normals_from(bases, b.params, seed, offset)
         if noise is not None:
             noise = [x.to(b.means[0].dtype).contiguous() for x in noise]

@@ -24,7 +24,8 @@ from torch import Tensor, nn
 from .. import metrics
 from .baselines import SAM
 from . import bayes_baselines
-from ..optimizer import BSAM, split_batch
+from ..optimizer import BSAM
+from ..parts import split_batch
 from ..predict import _probs, eval_mode, predict_bma, predict_mean
 
 METHODS = ("sgd", "adam", "sam_sgd", "sam_adam", "bsam", "ivon", "swag", "laplace")
