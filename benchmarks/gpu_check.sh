@@ -113,10 +113,10 @@ step tests 200 "$OUT/tests.log" $PY -m pytest "${TEST_ARGS[@]}"
 
 # ---------------------------------------------------------------- benchmarks
 if [ $DRY = 1 ]; then
-  BENCH=(--device cpu --sizes 2e4 --layouts one tiny --backends cpu --reps 20)
+  BENCH=(--device cpu --sizes 2e4 --layouts one tiny host --backends cpu --reps 20)
   E2E=(--device cpu --sizes 2e4 --layouts one --backends cpu --reps 20 --end-to-end --models mlp)
 else
-  BENCH=(--device cuda --sizes 1.6e7 6.4e7 --layouts one resnet20 transformer tiny --backends cuda foreach)
+  BENCH=(--device cuda --sizes 1.6e7 6.4e7 --layouts one resnet20 transformer tiny host --backends cuda foreach)
   E2E=(--device cuda --sizes 2.7e5 --layouts resnet20 tiny --end-to-end --models mlp lenet5 resnet20_frn)
 fi
 step bench 150 "$OUT/bench.txt" $PY -m bsam_fast.bench "${BENCH[@]}" --no-progress --json "$OUT/bench.json"

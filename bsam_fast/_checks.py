@@ -4,12 +4,27 @@ is changed."""
 from __future__ import annotations
 
 import math
+import os
+import sys
+import warnings
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from .sharded import is_sharded, local, local_like, unsupported_reason
+
+
+_INTERNAL = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(torch.__file__)))
+
+
+def warn_user(message: str, category: type = RuntimeWarning) -> None:
+    """warnings.warn, attributed to the first frame outside bsam_fast and torch (the user's
+    line, whatever wrappers torch.optim, torch.compile or a trainer put between)."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
 
 
 def listed(params) -> list:
@@ -73,6 +88,13 @@ def check_hyperparameters(group: dict, read_tensors: bool = True) -> None:
             raise ValueError(f"Invalid beta{i + 1} (betas[{i}]): {beta} (must be in [0, 1))")
 
 
+def check_max_grad_norm(value) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"Invalid max_grad_norm: {value!r} (None, or a finite number > 0)")
+
+
 def check_parameter(p: Tensor) -> None:
     if is_sharded(p):
         reason = unsupported_reason(p)
@@ -87,7 +109,11 @@ def check_parameter(p: Tensor) -> None:
         raise ValueError(f"BSAM only optimises floating-point parameters, got dtype {p.dtype}")
     if p.is_sparse:
         raise ValueError("BSAM does not support sparse parameters")
-    if any(stride == 0 and size > 1 for stride, size in zip(p.stride(), p.shape)):
+    if p.device.type == "meta":
+        raise ValueError(f"a parameter of shape {tuple(p.shape)} is on the meta device (no storage): "
+                         "materialise the model first (model.to_empty(device=...) and "
+                         "reset_parameters(), or load its weights), then build BSAM")
+    if p.numel() and any(stride == 0 and size > 1 for stride, size in zip(p.stride(), p.shape)):
         raise ValueError(f"a parameter of shape {tuple(p.shape)} has stride {p.stride()}: its "
                          "elements share memory (an expand()ed tensor); pass a tensor that owns "
                          "its elements (e.g. p.contiguous())")

@@ -15,12 +15,28 @@ import torch
 from torch import Tensor
 
 
-def drop_stale(param_groups: list[dict]) -> int:
-    """Drop the gradients left from before a step; returns how many there were."""
+def drop_stale(param_groups: list[dict], left: dict) -> int:
+    """Drop the gradients present before a step; returns how many of them are not those
+    the last step left (``left_by_step``): a backward since, onto them or anew."""
     stale = [p for g in param_groups for p in g["params"] if p.grad is not None]
+    foreign = [p for p in stale if left.get(id(p)) != (id(p.grad), p.grad._version)]
     for p in stale:
         p.grad = None
-    return len(stale)
+    return len(foreign)
+
+
+def left_by_step(active: list[list[Tensor]]) -> dict:
+    """{id(parameter): (id(gradient), its version)} of the gradients in .grad now."""
+    return {id(p): (id(p.grad), p.grad._version) for params in active for p in params if p.grad is not None}
+
+
+def left_in(param_groups: list[dict]) -> dict:
+    """``left_by_step`` of every parameter of the groups."""
+    return left_by_step([g["params"] for g in param_groups])
+
+
+def any_gradient(param_groups: list[dict]) -> bool:
+    return any([p.grad is not None for g in param_groups for p in g["params"]])
 
 
 def take(active: list[list[Tensor]]) -> list[list[Optional[Tensor]]]:

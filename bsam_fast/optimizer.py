@@ -9,7 +9,6 @@ the posterior's functions in ``posterior.py``, the collectives in ``distributed.
 from __future__ import annotations
 
 import contextlib
-import warnings
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
@@ -17,8 +16,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import checkpoint, distributed, gradients, phases, sharded, update
-from ._checks import (check_hyperparameters, check_noise, check_parameter, check_unique, listed,
-                      tensors_in)
+from ._checks import (check_hyperparameters, check_max_grad_norm, check_noise, check_parameter,
+                      check_unique, listed, tensors_in, warn_user)
 from .backends import make_backend
 from .noise import continued_bases, seed_from_default_generator, stream_seed
 from .plan import PlanCache, StepPlan, split_by_gradient
@@ -26,6 +25,12 @@ from .posterior import local_posterior_std, mean_of, sampled
 from .sharded import local
 from .step_state import IDLE, NOISY, PERTURBED, StepState
 from .tensor_state import init_state, memory_footprint, refresh_unstepped
+
+
+# torch.compile: the phases and drivers run eagerly (graph breaks), with their closures; the
+# model's own forward and backward are what to compile (torch.compile(model)). Dynamo would
+# otherwise specialise on the step machine's Python state.
+_eager = torch.compiler.disable
 
 
 class BSAM(Optimizer):
@@ -52,6 +57,10 @@ class BSAM(Optimizer):
             "foreach" or "reference".
         seed: key of the noise stream; default: drawn from torch's default generator,
             so ``torch.manual_seed`` reproduces a run.
+        max_grad_norm: clip the perturbed gradient (the mean over the m parts, unscaled)
+            to this norm over all parameters before the update, as
+            ``clip_grad_norm_`` would (on the device, no host synchronisation). The noisy
+            gradient, which sets u and the perturbation, is not clipped.
 
     Use ``step(closure)``, or the phases ``sample_noise()`` / ``perturb()`` / ``step()``
     (see the README) for m-sharpness, GradScaler, accumulation and distributed training.
@@ -62,9 +71,12 @@ class BSAM(Optimizer):
     def __init__(self, params, lr: float | Tensor, num_data: int | float, rho: float = 0.05,
                  betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0,
                  damping: float = 0.1, s_init: float = 1.0, *, backend: str = "auto",
-                 seed: Optional[int] = None, process_group=None, capturable: bool = False):
+                 seed: Optional[int] = None, process_group=None, capturable: bool = False,
+                 max_grad_norm: Optional[float] = None):
         if not isinstance(backend, str):
             raise ValueError(f"Invalid backend: {backend!r} (expected a string)")
+        check_max_grad_norm(max_grad_norm)
+        self._max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         defaults = dict(lr=lr, num_data=num_data, rho=rho, betas=tuple(betas),
                         weight_decay=weight_decay, damping=damping, s_init=s_init)
         check_hyperparameters(defaults)
@@ -83,6 +95,10 @@ class BSAM(Optimizer):
         (self._group, self._rank, self._world_size, self._shard_group, seed) = distributed.setup(
             tensors, seed, process_group, capturable)
         self._fsdp_modules = sharded.owning_modules(tensors) if self._shard_group is not None else []
+        if self._shard_group is not None and self._max_grad_norm is not None:
+            raise ValueError("max_grad_norm is not supported with FSDP2-sharded parameters (the norm "
+                             "spans the ranks' shards): clip the DTensor gradients with "
+                             "torch.nn.utils.clip_grad_norm_ before step() in the phase API")
         if capturable and not self._backend.device_side:
             raise ValueError(f"capturable=True needs a fused backend ('cuda' or 'cpu'), not "
                              f"{self.backend!r}")
@@ -188,10 +204,16 @@ class BSAM(Optimizer):
                 for p in group["params"]:
                     if p.requires_grad:
                         init_state(self.state[p], p, group["s_init"], self._unstepped)
+            for group in self.param_groups:   # converted since (e.g. channels_last): say so now
+                for p in group["params"]:
+                    reason = self._backend.supports(local(p)) if p.requires_grad else None
+                    if reason is not None:
+                        raise ValueError(f"backend {self.backend!r} cannot handle a parameter: {reason}")
             plan = self._plans.plan = StepPlan(self.param_groups, self.state, self._noise_base, self._scratch)
         return plan
 
     # ------------------------------------------------------------------ phases
+    @_eager
     @torch.no_grad()
     def sample_noise(self, noise: Optional[Sequence[Tensor]] = None) -> None:
         """Phase 1 of a part: put a posterior sample w + xi/sqrt(N*s) into the parameters.
@@ -214,7 +236,7 @@ class BSAM(Optimizer):
         if not first_part:
             self._bank_perturbed_gradients()
         else:
-            self._report_device_skip(stacklevel=4)
+            self._report_device_skip()
             # Hyperparameters written into param_groups since (schedulers, users) are checked
             # here, before the step changes anything (tensor values unread: no host sync).
             for group in self.param_groups:
@@ -226,13 +248,21 @@ class BSAM(Optimizer):
             plan = self._current_plan()
             st.plan = plan
             st.sampled = [(g, gp.buckets) for g, gp in zip(self.param_groups, plan.groups)]
-            if self._unstepped:
-                self._unstepped.difference_update([p for gp in plan.groups for p in gp.params])
-        phases.sample(self._backend, st.sampled, self._noise_key, st.offset, noise, first_part,
-                      st.offset_tensor if self._capturable else None)
+        try:
+            phases.sample(self._backend, st.sampled, self._noise_key, st.offset, noise, first_part,
+                          st.offset_tensor if self._capturable else None)
+        except BaseException:
+            # Buckets sampled before the failure hold noise: a first part's go back to the
+            # mean it loaded; a later part is a step in progress (cancelled as a whole).
+            if first_part:                    # (phases.sample restored the buckets it had done)
+                st.begin()
+            else:
+                self.cancel_step()
+            raise
         st.advance_noise()
         st.phase = NOISY
 
+    @_eager
     @torch.no_grad()
     def perturb(self, grad_scaler=None) -> None:
         """Phase 2 of a part: read the gradient g at the noisy point, move the parameters to
@@ -260,6 +290,11 @@ class BSAM(Optimizer):
         first_part = st.parts == 0
         try:
             active, active_work, idle_work = self._active_work()
+            if not any(active) and any(gp.params for gp in st.plan.groups):
+                raise RuntimeError("perturb(): no parameter has a gradient at the noisy point; call "
+                                   "backward() on the loss after sample_noise() and before perturb() "
+                                   "(a bSAM step takes a gradient at the noisy point, then one at the "
+                                   "perturbed point)")
             if not first_part and [list(map(id, a)) for a in active] != [list(map(id, a)) for a in st.active]:
                 raise RuntimeError("perturb(): the set of parameters with gradients changed "
                                    "between the parts of one step")
@@ -302,7 +337,10 @@ class BSAM(Optimizer):
                                "earlier parts, which .grad holds; zero the gradients before "
                                "sample_noise() instead (or use step_parts, whose closures may zero)")
         super().zero_grad(set_to_none=set_to_none)
+        if not set_to_none:                       # zeroed in place: still nothing of the user's
+            self._state.left_grads = gradients.left_in(self.param_groups)
 
+    @_eager
     @torch.no_grad()
     def cancel_step(self) -> None:
         """Abandon a step in progress: parameters back at the mean, no state changed.
@@ -313,6 +351,7 @@ class BSAM(Optimizer):
         self._state.begin()
 
     # ------------------------------------------------------------------ step
+    @_eager
     def step(self, closure: Optional[Callable[[], Tensor]] = None,
              noise: Optional[Sequence[Tensor]] = None):
         """One bSAM step.
@@ -325,9 +364,8 @@ class BSAM(Optimizer):
         (this is what ``GradScaler.step(optimizer)`` calls).
         """
         if closure is None or self._state.phase == PERTURBED:
-            # Finishes a step begun with the phase API. A closure passed here (Lightning's
-            # manual optimization passes one that does nothing) is not called: the
-            # gradients at the perturbed point are in already.
+            # Finishes a step begun with the phase API; the gradients at the perturbed point
+            # are in already (a closure passed here is run, but may not change them).
             if self._state.phase != PERTURBED:
                 raise RuntimeError("step() without a closure finishes a step begun with "
                                    "sample_noise() and perturb(); pass a closure instead. "
@@ -336,6 +374,8 @@ class BSAM(Optimizer):
                                    "see bsam_fast.integrations.")
             if noise is not None:
                 raise ValueError("noise is given to sample_noise() in the phase API")
+            if closure is not None:
+                self._run_finishing_closure(closure)
             self._finish()
             return None
         if self._state.phase != IDLE:
@@ -346,11 +386,16 @@ class BSAM(Optimizer):
                                "scaler checks the gradients before the closure makes them); use "
                                "the phase API: sample_noise(), backward, perturb(grad_scaler="
                                "scaler), backward, scaler.step(optimizer)")
-        self._drop_stale_gradients(warn=False)
+        self._drop_stale_gradients()
         try:
             self.sample_noise(noise)
             with torch.enable_grad():
-                closure()
+                first = closure()
+            if not gradients.any_gradient(self.param_groups):
+                # No backward at all (Lightning's training_step returning None skips a
+                # batch): no step, as torch.optim's optimizers make none.
+                self.cancel_step()
+                return first
             self.perturb()
             with torch.enable_grad():
                 loss = closure()
@@ -360,6 +405,7 @@ class BSAM(Optimizer):
         self._finish()
         return loss
 
+    @_eager
     def step_parts(self, closure: Callable[[int], Tensor], m: int,
                    noise: Optional[Sequence[Sequence[Tensor]]] = None):
         """One m-sharpness step: ``closure(k)`` computes part k's loss and calls backward().
@@ -375,7 +421,7 @@ class BSAM(Optimizer):
         if self._state.phase != IDLE:
             raise RuntimeError("step_parts() called inside a step begun with sample_noise()")
         losses = []
-        self._drop_stale_gradients(warn=False)
+        self._drop_stale_gradients()
         try:
             for k in range(m):
                 self.sample_noise(None if noise is None else noise[k])
@@ -391,19 +437,41 @@ class BSAM(Optimizer):
             return torch.stack([loss.detach() for loss in losses]).mean()
         return None
 
+    def _run_finishing_closure(self, closure) -> None:
+        """A closure passed to the step() that finishes a phase-API step: a trainer's
+        (Lightning's manual optimization wraps a do-nothing closure in its hooks, such as
+        on_before_optimizer_step, which may read the gradients). It runs with the perturbed
+        gradients in place; one that changes them would count the perturbed gradient
+        twice: the step is then cancelled and refused."""
+        before = gradients.left_by_step(self._state.active)
+        try:
+            with torch.enable_grad():
+                closure()
+            changed = gradients.left_by_step(self._state.active) != before
+        except BaseException:
+            self.cancel_step()
+            raise
+        if changed:
+            self.cancel_step()
+            raise RuntimeError("step(closure) after perturb(): the closure changed the gradients (a "
+                               "backward?), which already hold the perturbed gradient; finish a "
+                               "phase-API step with step() alone")
+
     # ------------------------------------------------------------------ gradients
-    def _drop_stale_gradients(self, warn: bool = True) -> None:
+    def _drop_stale_gradients(self) -> None:
         """Gradients left from before the step would be added to the noisy gradient: drop
-        them (the noisy gradient must be taken at the noisy point alone), once with a word
-        in the phase API (step(closure): the closure zeroes them anyway)."""
-        dropped = gradients.drop_stale(self.param_groups)
-        if dropped and warn and not self._warned_stale:
+        them (the noisy gradient must be taken at the noisy point alone). Those the last
+        step left go silently; others (a backward of the user's: accumulated micro-batches,
+        a snippet without zero_grad()) with a warning, once."""
+        foreign = gradients.drop_stale(self.param_groups, self._state.left_grads)
+        if foreign and not self._warned_stale:
             self._warned_stale = True
-            warnings.warn(f"BSAM: {dropped} parameter(s) had a gradient from before the step; "
-                          "it was dropped, as the noisy gradient must be taken at the noisy point "
-                          "alone. Call zero_grad() before sample_noise(); gradients cannot be "
-                          "accumulated across bSAM steps (use m parts: step_parts).",
-                          RuntimeWarning, stacklevel=4)
+            warn_user(f"BSAM: {foreign} parameter(s) had a gradient from before the step that the "
+                          "last step did not leave (a backward without zero_grad(), or micro-batches "
+                          "accumulated for this step); it was dropped, as the noisy gradient must be "
+                          "taken at the noisy point alone. Gradients cannot be accumulated across bSAM "
+                          "steps: use m parts (step_parts; in Lightning, BSAMCallback refuses "
+                          "accumulate_grad_batches).")
 
     def _check_perturbed_present(self) -> None:
         missing = phases.missing_gradients(self._state.active_work)
@@ -434,44 +502,34 @@ class BSAM(Optimizer):
             grads = phases.gradients(st.active_work, checked=not self._trusts_gradients())
             grads = phases.check_finite(self._backend, st.active_work, grads,
                                         lambda device: st.found_flag("perturbed", device))
+            if self._unstepped:                 # their state is the trained one from now on
+                self._unstepped.difference_update([p for gp in st.plan.groups for p in gp.params])
             self._update(grads)
+            st.left_grads = gradients.left_in(self.param_groups)
         except BaseException:
             self.cancel_step()
             self._forget_scaler_step()
             raise
-        self._report_device_skip(stacklevel=5)
+        self._report_device_skip()
 
     def _update(self, grads) -> None:
-        st = self._state
-        update.reduce_across_ranks(st, self._group, self._shard_group)
-        scaler_found = getattr(self, "found_inf", None)
-        set_by_scaler = hasattr(self, "grad_scale")
-        inv_scale = update.perturbed_inv_scale(st, set_by_scaler, getattr(self, "grad_scale", None),
-                                               update.unscaled_by(st.scaler, self))
-        u_factor = 1.0 / (st.parts * self._world_size)      # u_sums were summed over ranks
-        scaled = st.used_scaler or set_by_scaler or scaler_found is not None
-        if self._backend.device_side:
-            # (Under capturable=True nothing is watched: a graph replays the step, and an
-            # event queried inside a capture would break it.)
-            update.update_on_device(self._backend, st, grads, u_factor, inv_scale, scaler_found,
-                                    watch=not (scaled or self._capturable))
-        else:
-            bad = update.update_on_host(self._backend, st, grads, u_factor, inv_scale, scaler_found)
-            if bad is not None and not scaled:
-                self._warn_skipped(bad, self.skipped_steps, stacklevel=6)
-        st.begin()
+        if self._state.scaler is not None and hasattr(self, "found_inf"):     # scaler.step(opt)
+            update.tell_scaler_of_noisy_overflow(self._state, self)
+        report = update.finish(self._backend, self._state, grads, max_grad_norm=self._max_grad_norm,
+                               world_size=self._world_size,
+                               ddp_group=self._group, shard_group=self._shard_group,
+                               scaler_found=getattr(self, "found_inf", None),
+                               grad_scale_set=hasattr(self, "grad_scale"),
+                               grad_scale=getattr(self, "grad_scale", None),
+                               unscaled=update.unscaled_by(self._state.scaler, self), capturable=self._capturable)
+        if report is not None:
+            update.warn_skipped(*report)
 
-    def _report_device_skip(self, stacklevel: int) -> None:
+    def _report_device_skip(self) -> None:
         """Say so if a step the device skipped has become known (never waits for it)."""
         report = self._state.poll_device_skip()
         if report is not None:
-            self._warn_skipped(*report, stacklevel=stacklevel + 1)
-
-    @staticmethod
-    def _warn_skipped(which: str, count: int, stacklevel: int) -> None:
-        warnings.warn(f"BSAM: skipped a step: the {which} gradient holds inf or NaN; "
-                      f"mean, momentum and precision are unchanged ({count} skipped so far)",
-                      RuntimeWarning, stacklevel=stacklevel)
+            update.warn_skipped(*report)
 
     def _forget_scaler_step(self) -> None:
         """Drop the grad_scale/found_inf that GradScaler.step() set on the optimizer: the
@@ -517,6 +575,30 @@ class BSAM(Optimizer):
         and u buffers of a step, kept between steps). Under FSDP2 these are this rank's
         shards; under DDP every rank holds them all."""
         return memory_footprint(self.state, self._scratch)
+
+    # ------------------------------------------------------------------ copies
+    # What a copy keeps besides torch.optim's defaults, state and groups (the plan and the
+    # scratch buffers are made again).
+    _COPIED = ("_backend", "_capturable", "_max_grad_norm", "_state", "_noise_base", "_unstepped", "_warned_stale", "_constructed",
+               "_group", "_rank", "_world_size", "_shard_group", "_fsdp_modules")
+
+    def __getstate__(self) -> dict:
+        """copy.deepcopy, pickle and torch.save(optimizer) keep the whole optimizer (the
+        noise stream, the skipped steps, ...), not only what torch.optim's keep."""
+        if self.in_step:
+            raise RuntimeError("cannot copy or pickle a BSAM inside an unfinished step (after "
+                               "sample_noise(), before step())")
+        if self._group is not None or self._shard_group is not None:
+            raise RuntimeError("a distributed BSAM (DDP process group, FSDP2 mesh) cannot be copied or "
+                               "pickled: save its state_dict() and load it into a new BSAM")
+        return {**super().__getstate__(), **{k: self.__dict__[k] for k in self._COPIED}}
+
+    def __setstate__(self, state: dict) -> None:
+        unpickled = "_plans" not in self.__dict__     # (torch's load_state_dict calls this too)
+        super().__setstate__(state)
+        if unpickled:
+            self._scratch, self._plans = {}, PlanCache()
+            self.register_state_dict_post_hook(BSAM._add_stream_and_states, prepend=True)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:

@@ -43,12 +43,31 @@ def scalar(value):
     return value.reshape(()) if isinstance(value, Tensor) else value
 
 
-def grad_factor(inv_scale: Optional[Tensor], m: int, b: Bucket):
-    """1/m, times a GradScaler's 1/scale on the bucket's device in its opmath dtype (float64
-    for float64 parameters: every backend reads the factor in the arithmetic's precision)."""
-    if inv_scale is None:
+def grad_factor(inv_scale: Optional[Tensor], m: int, b: Bucket, clip: Optional[Tensor] = None):
+    """1/m, times a GradScaler's 1/scale and a clipping coefficient (tensors: on the
+    bucket's device in its opmath dtype, float64 for float64 parameters, as every backend
+    reads the factor in the arithmetic's precision)."""
+    if inv_scale is None and clip is None:
         return 1.0 / m
-    return inv_scale.to(device=b.device, dtype=torch.float64).div(m).to(b.means[0].dtype)
+    factor = torch.full((), 1.0 / m, dtype=torch.float64, device=b.device) if inv_scale is None else \
+        inv_scale.to(device=b.device, dtype=torch.float64).div(m)
+    if clip is not None:
+        factor = factor * clip.to(device=b.device, dtype=torch.float64)
+    return factor.to(b.means[0].dtype)
+
+
+def clip_coefficient(grads, m: int, inv_scale: Optional[Tensor], max_norm: float) -> Tensor:
+    """min(1, max_norm / (|g| + 1e-6)) for g the mean perturbed gradient (unscaled) over
+    every parameter: the factor ``clip_grad_norm_`` would multiply it by (a tensor: no
+    host synchronisation)."""
+    # In float32 at least: fp16 gradients still scaled by a GradScaler overflow in fp16.
+    norms = [n for group_grads in grads for g in group_grads if g
+             for n in torch._foreach_norm(g, 2, dtype=torch.promote_types(g[0].dtype, torch.float32))]
+    home = norms[0].device
+    total = torch.linalg.vector_norm(torch.stack([n.to(home) for n in norms]))
+    if m != 1 or inv_scale is not None:
+        total = total * (1.0 / m if inv_scale is None else inv_scale.to(home).div(m))
+    return torch.clamp(max_norm / (total + 1e-6), max=1.0)
 
 
 def gradients(work: Work, checked: bool) -> list[list[list[Tensor]]]:
@@ -87,11 +106,19 @@ def sample(backend: Backend, work: Work, key: int, offset: int, noise: Optional[
            offset_tensor: Optional[FlagOf]) -> None:
     """Phase 1: parameters := a posterior sample. noise: {id(parameter): xi}, or None for
     the stream's draw `offset`; offset_tensor(device): the device counter (capturable)."""
-    for group, buckets in work:
-        for b in buckets:
-            xi = None if noise is None else [noise[id(p)] for p in b.owners]
-            backend.sample(b, group["num_data"], key, offset, xi, load_mean=first_part and not b.master_mean,
-                           offset_tensor=None if offset_tensor is None else offset_tensor(b.device))
+    done = []
+    try:
+        for group, buckets in work:
+            for b in buckets:
+                xi = None if noise is None else [noise[id(p)] for p in b.owners]
+                backend.sample(b, group["num_data"], key, offset, xi, load_mean=first_part and not b.master_mean,
+                               offset_tensor=None if offset_tensor is None else offset_tensor(b.device))
+                done.append(b)
+    except BaseException:
+        if first_part:                 # their means are loaded: back to them (a later part's
+            for b in done:             # step is cancelled as a whole by the optimizer)
+                backend.restore(b)
+        raise
 
 
 def perturb(backend: Backend, work: Work, grads: list[list[list[Tensor]]], inv_scale: Optional[Tensor],
@@ -114,15 +141,17 @@ def check_finite(backend: Backend, work: Work, grads: list[list[list[Tensor]]],
 
 
 def prepare_updates(backend: Backend, work: Work, grads: list[list[list[Tensor]]], m: int, u_factor: float,
-                    inv_scale: Optional[Tensor], skip_flag: Optional[FlagOf]) -> list[Callable[[], None]]:
+                    inv_scale: Optional[Tensor], skip_flag: Optional[FlagOf],
+                    clip: Optional[Tensor] = None) -> list[Callable[[], None]]:
     """Phase 3, computed: the commits that write momentum, mean, precision and parameters
-    (skipped on the device where skip_flag(device) is non-zero)."""
+    (skipped on the device where skip_flag(device) is non-zero; the perturbed gradient
+    times `clip`, if given)."""
     commits = []
     for (group, buckets), group_grads in zip(work, grads):
         beta1, beta2 = group["betas"]
         for b, g in zip(buckets, group_grads):
             commits.append(backend.prepare_update(
-                b, g, grad_factor(inv_scale, m, b), u_factor, scalar(group["lr"]), beta1, beta2,
+                b, g, grad_factor(inv_scale, m, b, clip), u_factor, scalar(group["lr"]), beta1, beta2,
                 group["weight_decay"], group["damping"], skip_if=None if skip_flag is None else skip_flag(b.device)))
     return commits
 

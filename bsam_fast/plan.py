@@ -7,9 +7,10 @@ buffers and noise bases (``backends.base.Bucket``). A backend's phase is one cal
 bucket, so a step costs a few calls whatever the number of tensors.
 
 Building a plan validates nothing per step and allocates the scratch buffers; checking
-that it still holds is one pass over the parameters in C (``is_current``): the same
-tensors in the same groups, the same ``requires_grad``, the same storage (a model
-converted or moved after construction, ``p.data = ...``). What the optimizer changes
+that it still holds is one pass over the parameters without a Python call per tensor
+(``is_current``): the same tensors in the same groups, the same ``requires_grad``, the
+same storage (a model converted or moved after construction, ``p.data = ...``), the same
+state tensors (state moved or offloaded by assigning ``opt.state[p][k]``). What the optimizer changes
 itself (``add_param_group``, ``load_state_dict``, state made again before the first step)
 drops the plan explicitly.
 """
@@ -26,6 +27,7 @@ from .sharded import is_sharded, local
 from .tensor_state import scratch_buffer
 
 _requires_grad = operator.attrgetter("requires_grad")
+_NONE: dict = {}
 
 
 def buckets_of(params: list[Tensor], state, noise_base: dict, scratch: dict) -> list[Bucket]:
@@ -60,6 +62,10 @@ class GroupPlan:
 
 class StepPlan:
     def __init__(self, param_groups: list[dict], state, noise_base: dict, scratch: dict):
+        # Each parameter's state dict, looked up once (a lookup hashes the tensor in Python):
+        # its tensors are compared at every step, the dicts themselves replaced only by
+        # load_state_dict, which drops the plan.
+        self._states = [[state.get(p, _NONE) for p in group["params"]] for group in param_groups]
         self.groups = []
         for group in param_groups:
             params = [p for p in group["params"] if p.requires_grad]
@@ -69,11 +75,12 @@ class StepPlan:
 
     def _stamp_of(self, param_groups: list[dict]) -> list:
         stamp = []
-        for group in param_groups:
+        for group, states in zip(param_groups, self._states):
             params = group["params"]
             tensors = [local(p) for p in params] if self.sharded else params
             stamp.append((list(map(id, params)), list(map(_requires_grad, params)), list(map(id, tensors)),
-                          list(map(Tensor.data_ptr, tensors))))
+                          list(map(Tensor.data_ptr, tensors)), [id(st.get("momentum")) for st in states],
+                          [id(st.get("precision")) for st in states], [id(st.get("mean")) for st in states]))
         return stamp
 
     def is_current(self, param_groups: list[dict]) -> bool:

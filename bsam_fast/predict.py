@@ -24,13 +24,18 @@ def eval_mode(model: nn.Module):
             m.train(training)
 
 
+def _softmax(logits: Tensor) -> Tensor:
+    """Probabilities in float32, or float64 for a float64 model (never below float32)."""
+    return logits.softmax(-1, dtype=torch.promote_types(logits.dtype, torch.float32))
+
+
 @torch.no_grad()
 def _probs(model: nn.Module, x: Tensor, batch_size: int) -> Tensor:
     # FSDP2 keeps the root module's parameters gathered after a forward pass without
     # backward: reshard before and after, so that every forward here gathers the shards as
     # they are (the sample or the mean written into them).
     sharded.reshard_model(model)
-    out = [model(x[i:i + batch_size]).float().softmax(-1) for i in range(0, len(x), batch_size)]
+    out = [_softmax(model(x[i:i + batch_size])) for i in range(0, len(x), batch_size)]
     sharded.reshard_model(model)
     return torch.cat(out)
 

@@ -8,7 +8,7 @@ single-process step on the global batch with the same noise, which requires the 
 an element to be keyed by its index in the full (unsharded) tensor: a shard's noise base
 is the full tensor's base plus the shard's first element. That offset need not be a
 multiple of 4 (rows of odd length); such shards are drawn in their own buckets (see
-``TensorState._buckets``). Every rank uses the same stream (rank 0's seed); only the
+``plan.buckets_of``). Every rank uses the same stream (rank 0's seed); only the
 inf/NaN flags are shared (one all-reduce per step); u needs no reduction, as the
 gradients are global already.
 

@@ -40,7 +40,13 @@ class StepState:
         # (event or None, host tensor [noisy flag, perturbed flag, device count]) of the
         # last step that skipped on the device, until it is read.
         self.pending_skip: Optional[tuple] = None
+        self.reported_device_skips = 0    # the device count the last report had
+        self.left_grads: dict = {}        # the gradients the last step left (gradients.left_by_step)
         self.begin()
+
+    def __getstate__(self) -> dict:
+        """For copies of an idle optimizer: an unread skip report (a CUDA event) stays behind."""
+        return {**self.__dict__, "pending_skip": None}
 
     def begin(self) -> None:
         """Forget the step in progress (if any): back to idle."""
@@ -126,14 +132,15 @@ class StepState:
         if values.device.type == "cuda":
             host = values.to("cpu", non_blocking=True)
             event = torch.cuda.Event()
-            event.record()
+            event.record(torch.cuda.current_stream(values.device))
             self.pending_skip = (event, host)
         else:
             self.pending_skip = (None, values)
 
-    def poll_device_skip(self) -> Optional[tuple[str, int]]:
-        """(which gradient, steps skipped so far) if the watched step was skipped and its
-        flags are ready, else None; without waiting for the device."""
+    def poll_device_skip(self) -> Optional[tuple[str, int, int]]:
+        """(which gradient, steps skipped so far, steps skipped since the last report) if
+        the device skipped steps not reported yet and the newest report is ready, else
+        None; without waiting for the device."""
         if self.pending_skip is None:
             return None
         event, values = self.pending_skip
@@ -141,11 +148,15 @@ class StepState:
             return None
         self.pending_skip = None
         noisy, perturbed, count = values.tolist()
-        if not (noisy or perturbed):
+        new = int(count) - self.reported_device_skips   # a newer report covers older unread ones
+        if new <= 0:
             return None
-        return ("noisy" if noisy else "perturbed"), self.skipped + int(count)
+        self.reported_device_skips = int(count)
+        which = "noisy" if noisy else "perturbed" if perturbed else "noisy or perturbed"
+        return which, self.skipped + int(count), new
 
     def set_skipped(self, count: int) -> None:
         self.skipped = count
+        self.pending_skip, self.reported_device_skips = None, 0
         if self.device_skipped is not None:
             self.device_skipped.zero_()

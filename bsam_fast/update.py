@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from . import distributed, phases
+from ._checks import warn_user
 from .backends.base import Backend
 from .step_state import StepState
 
@@ -52,6 +53,20 @@ def unscaled_by(scaler, optimizer) -> bool:
     return state is not None and state.get("stage") is OptState.UNSCALED
 
 
+def tell_scaler_of_noisy_overflow(st: StepState, optimizer) -> None:
+    """A GradScaler driving the step (scaler.step(optimizer)) checked the perturbed
+    gradients only: an inf/NaN in the noisy gradient is added to the scaler's found_inf
+    (on the device), so that scaler.update() backs off as for any overflow and a trainer
+    that watches the scale (accelerate's step_was_skipped, and so the LR scheduler of a
+    Hugging Face Trainer) sees the step as skipped."""
+    state = getattr(st.scaler, "_per_optimizer_states", {}).get(id(optimizer))
+    found = (state or {}).get("found_inf_per_device") or {}
+    noisy = list(st.found["noisy"].values())
+    if found and noisy:
+        first = next(iter(found.values()))
+        first.add_(phases.total_flag(noisy, first.device).reshape(first.shape))
+
+
 def perturbed_inv_scale(st: StepState, set_by_scaler: bool, grad_scale: Optional[Tensor],
                         unscaled: bool) -> Optional[Tensor]:
     """1/scale of the perturbed gradients, or None: scaler.step(opt) sets grad_scale (None
@@ -63,22 +78,23 @@ def perturbed_inv_scale(st: StepState, set_by_scaler: bool, grad_scale: Optional
 
 
 def _commit(backend: Backend, st: StepState, grads, u_factor: float, inv_scale: Optional[Tensor],
-            skip_flag=None) -> None:
-    commits = phases.prepare_updates(backend, st.active_work, grads, st.parts, u_factor, inv_scale, skip_flag)
+            skip_flag=None, clip: Optional[Tensor] = None) -> None:
+    commits = phases.prepare_updates(backend, st.active_work, grads, st.parts, u_factor, inv_scale, skip_flag,
+                                     clip)
     phases.restore(backend, st.idle_work)          # sampled, but no gradient: back to the mean
     for commit in commits:
         commit()
 
 
-def update_on_device(backend: Backend, st: StepState, grads, u_factor: float,
-                     inv_scale: Optional[Tensor], scaler_found: Optional[Tensor], watch: bool) -> None:
+def update_on_device(backend: Backend, st: StepState, grads, u_factor: float, inv_scale: Optional[Tensor],
+                     scaler_found: Optional[Tensor], watch: bool, clip: Optional[Tensor] = None) -> None:
     """The update, skipped on the device if any flag is set; watch: keep the flags for a
     report (the default step; a GradScaler's skips are its own business)."""
     counter = st.device_skipped
     noisy_flags, perturbed_flags = list(st.found["noisy"].values()), list(st.found["perturbed"].values())
     every = noisy_flags + perturbed_flags + ([scaler_found] if scaler_found is not None else [])
     if not every:                                       # nothing to check: never skip
-        _commit(backend, st, grads, u_factor, inv_scale)
+        _commit(backend, st, grads, u_factor, inv_scale, clip=clip)
         return
     home = counter.device if counter is not None else every[0].device
     noisy = phases.total_flag(noisy_flags, home)
@@ -91,14 +107,14 @@ def update_on_device(backend: Backend, st: StepState, grads, u_factor: float,
         if device not in per_device:
             per_device[device] = total.to(device)
         return per_device[device]
-    _commit(backend, st, grads, u_factor, inv_scale, skip_flag)
+    _commit(backend, st, grads, u_factor, inv_scale, skip_flag, clip)
     if watch:
         zero = torch.zeros((), device=home)
         st.watch_device_skip(zero if noisy is None else noisy, zero if perturbed is None else perturbed)
 
 
-def update_on_host(backend: Backend, st: StepState, grads, u_factor: float,
-                   inv_scale: Optional[Tensor], scaler_found: Optional[Tensor]) -> Optional[str]:
+def update_on_host(backend: Backend, st: StepState, grads, u_factor: float, inv_scale: Optional[Tensor],
+                   scaler_found: Optional[Tensor], clip: Optional[Tensor] = None) -> Optional[str]:
     """The update, or a skip decided on the host: returns None, or what was not finite
     ("noisy", "perturbed" or "scaler"; the parameters are then back at the mean)."""
     bad = ("noisy" if any(f.item() for f in st.found["noisy"].values())
@@ -108,5 +124,43 @@ def update_on_host(backend: Backend, st: StepState, grads, u_factor: float,
         phases.restore(backend, st.sampled)
         st.skipped += 1
         return bad
-    _commit(backend, st, grads, u_factor, inv_scale)
+    _commit(backend, st, grads, u_factor, inv_scale, clip=clip)
     return None
+
+
+def finish(backend: Backend, st: StepState, grads, *, max_grad_norm: Optional[float], world_size: int,
+           ddp_group, shard_group,
+           scaler_found: Optional[Tensor], grad_scale_set: bool, grad_scale: Optional[Tensor], unscaled: bool,
+           capturable: bool) -> Optional[tuple[str, int]]:
+    """Phase 3 once the perturbed gradients (`grads`) are accepted: reduce across ranks,
+    then update, or skip. GradScaler: ``grad_scale``/``found_inf`` as ``scaler.step(opt)``
+    set them on the optimizer (grad_scale_set), unscaled: ``scaler.unscale_(opt)`` came
+    first. Returns (which gradient, steps skipped so far) of a skip decided on the host
+    that is worth a warning (not a GradScaler's), else None."""
+    reduce_across_ranks(st, ddp_group, shard_group)
+    inv_scale = perturbed_inv_scale(st, grad_scale_set, grad_scale, unscaled)
+    u_factor = 1.0 / (st.parts * world_size)      # u_sums were summed over ranks
+    scaled = st.used_scaler or grad_scale_set or scaler_found is not None
+    clip = None
+    if max_grad_norm is not None and any(g for group_grads in grads for g in group_grads):
+        clip = phases.clip_coefficient(grads, st.parts, inv_scale, max_grad_norm)
+    report = None
+    if backend.device_side:
+        # (Under capturable=True nothing is watched: a graph replays the step, and an
+        # event queried inside a capture would break it.)
+        update_on_device(backend, st, grads, u_factor, inv_scale, scaler_found, watch=not (scaled or capturable),
+                         clip=clip)
+    else:
+        bad = update_on_host(backend, st, grads, u_factor, inv_scale, scaler_found, clip)
+        if bad is not None and not scaled:
+            # A non-finite noisy gradient makes the perturbed point, and so the perturbed
+            # gradient, non-finite too: the first one is named.
+            report = (bad, st.skipped_steps)
+    st.begin()
+    return report
+
+
+def warn_skipped(which: str, count: int, new: int = 1) -> None:
+    what = "a step" if new == 1 else f"{new} steps"
+    warn_user(f"BSAM: skipped {what}: the {which} gradient holds inf or NaN; "
+              f"mean, momentum and precision are unchanged ({count} skipped so far)")

@@ -3,6 +3,8 @@
 Run on a GPU machine by benchmarks/gpu_check.sh. The op-level tests run on the CPU kernels
 too (device "cpu"), so that what they check is checked in every CI run.
 """
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -175,6 +177,16 @@ def test_golden_parity_on_cuda(device, path, dtype, tol):
         assert max(worst.values()) <= tol, (step, worst)
 
 
+@contextlib.contextmanager
+def _sync_is_an_error():
+    """Inside: a host synchronisation raises (torch.cuda.set_sync_debug_mode("error"))."""
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
 def _amp_parts(model, opt, scaler, x, y, poison=False):
     opt.sample_noise()
     scaler.scale(F.cross_entropy(model(x), y)).backward()
@@ -199,16 +211,46 @@ def test_amp_overflow_changes_nothing_and_does_not_synchronise(device, capturabl
     before = {(n, k): v.clone() for n, p in model.named_parameters() for k, v in opt.state[p].items()}
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     _amp_parts(model, opt, scaler, x, y, poison=True)
-    torch.cuda.set_sync_debug_mode("error")          # the optimizer's part must not sync
-    try:
+    with _sync_is_an_error():                        # the optimizer's part must not sync
         opt.step()                                   # finished without scaler.step
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
     opt.zero_grad()
     for n, p in model.named_parameters():
         for k, v in opt.state[p].items():
             assert torch.equal(before[(n, k)], v), (n, k)
         assert torch.equal(weights[n], p.detach()), n
+    assert opt.skipped_steps == 1
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=gpu)])
+def test_a_default_step_never_synchronises_and_reports_a_skip_later(device):
+    """No GradScaler, not capturable: no phase waits for the device (sync debug mode
+    "error"), a non-finite step is skipped on the device, and its warning comes at a later
+    step once the device has got there."""
+    model = make_model().to(device)
+    opt = BSAM(model.parameters(), lr=0.05, num_data=100, backend="cuda", seed=3)
+    x, y = torch.randn(16, 1, 5, 5, device=device), torch.randint(0, 3, (16,), device=device)
+
+    def one_step(poison=False):
+        opt.zero_grad()
+        with _sync_is_an_error():
+            opt.sample_noise()
+        F.cross_entropy(model(x), y).backward()
+        if poison:
+            model.fc2.weight.grad[0, 0] = float("nan")
+        with _sync_is_an_error():
+            opt.perturb()
+        F.cross_entropy(model(x), y).backward()
+        with _sync_is_an_error():
+            opt.step()
+    for _ in range(3):
+        one_step()
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    one_step(poison=True)
+    for n, p in model.named_parameters():
+        assert torch.equal(weights[n], p.detach()), n
+    torch.cuda.synchronize()
+    with pytest.warns(RuntimeWarning, match="noisy gradient holds inf or NaN"):
+        one_step()
     assert opt.skipped_steps == 1
 
 

@@ -169,3 +169,45 @@ def test_python_calls_per_step_do_not_grow_with_the_number_of_tensors():
     few, many = _calls_per_step(86), _calls_per_step(400)
     assert many <= 1.2 * few, (few, many)
     assert few < 400                          # a few hundred calls, not thousands
+
+
+def test_state_moved_by_assignment_is_seen(backend):
+    """The offload idiom `opt.state[p][k] = v.to(...)` between steps: the plan follows."""
+    model = make_model()
+    opt = BSAM(model.parameters(), lr=0.05, num_data=64, backend=backend, seed=2)
+    train(model, opt, 2)
+    for st in opt.state.values():
+        for k, v in st.items():
+            st[k] = v.clone()
+    before = {k: v.clone() for k, v in opt.state[model.fc1.weight].items()}
+    train(model, opt, 1)
+    assert not torch.equal(before["precision"], opt.state[model.fc1.weight]["precision"])
+
+
+def test_loading_twice_keeps_one_state_dict_hook():
+    model = make_model()
+    opt = BSAM(model.parameters(), lr=0.05, num_data=64, seed=2)
+    train(model, opt, 1)
+    for _ in range(2):
+        opt.load_state_dict(opt.state_dict())
+    assert len(opt._optimizer_state_dict_post_hooks) == 1
+
+
+def test_a_failure_in_the_first_sample_leaves_the_parameters_at_the_mean(monkeypatch):
+    """Two groups; the second group's sample fails: the first group's noise is undone."""
+    model = make_model()
+    groups = [{"params": [model.fc1.weight, model.fc1.bias]},
+              {"params": [p for n, p in model.named_parameters() if not n.startswith("fc1")]}]
+    opt = BSAM(groups, lr=0.05, num_data=64, backend="reference", seed=2)
+    before = [p.detach().clone() for p in model.parameters()]
+    real, calls = opt._backend.sample, []
+
+    def failing(b, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("injected")
+        return real(b, *args, **kwargs)
+    monkeypatch.setattr(opt._backend, "sample", failing)
+    with pytest.raises(RuntimeError, match="injected"):
+        opt.sample_noise()
+    assert not opt.in_step and all(torch.equal(a, p) for a, p in zip(before, model.parameters()))

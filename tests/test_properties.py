@@ -11,6 +11,7 @@ cancelled or failed step restores everything bit for bit; `noise_offset` counts 
 import os
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -21,7 +22,9 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
 EXAMPLES = int(os.environ.get("BSAM_PROPERTY_EXAMPLES", "30"))
-SHAPES = [(), (0,), (1,), (3,), (5, 2), (2, 3, 2), (7,), (4, 1, 3)]
+# ("numpy", shape): an empty tensor made from NumPy (strides all 0, as NumPy gives them).
+SHAPES = [(), (0,), (1,), (3,), (5, 2), (2, 3, 2), (7,), (4, 1, 3), ("numpy", (3, 0, 2)), ("numpy", (0,))]
+NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16}
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 
@@ -41,12 +44,18 @@ class Injected(RuntimeError):
     pass
 
 
+def _tensor(shape, dtype, g):
+    if shape and shape[0] == "numpy":
+        t = torch.from_numpy(np.zeros(shape[1], dtype=NUMPY_DTYPES.get(dtype, np.float32)))
+        return t if t.dtype == dtype else t.to(dtype)
+    return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+
+
 def build(sc, backend, seed=0):
     g = torch.Generator().manual_seed(seed)
     groups, params = [], []
     for k, spec in enumerate(sc["groups"]):
-        ps = [torch.nn.Parameter(torch.randn(shape, generator=g, dtype=torch.float64).to(dtype))
-              for shape, dtype in spec]
+        ps = [torch.nn.Parameter(_tensor(shape, dtype, g)) for shape, dtype in spec]
         params += ps
         groups.append({"params": ps, "lr": 0.05 * (k + 1), "rho": 0.02 * (k + 1)})
     opt = BSAM(groups, lr=0.05, num_data=20, weight_decay=1e-3, backend=backend, seed=sc["seed"])

@@ -16,7 +16,7 @@ Phases of one step with m parts (``k = 0..m-1``)::
 
 Here ``g = grad_factor * grad`` and ``u = u_factor * usum``, where the factors fold in
 ``1/m`` (and ``1/world_size``) and a GradScaler's ``1/scale``; with m parts ``grad`` is the
-sum of the m perturbed gradients, accumulated by autograd (see ``optimizer.py``).
+sum of the m perturbed gradients, accumulated by autograd (see ``gradients.py``).
 ``found_inf`` (a one-element float32 tensor on the bucket's device) is set to 1 when a
 gradient holds inf or NaN. Backends never write gradients.
 """
