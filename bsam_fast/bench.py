@@ -171,7 +171,12 @@ def _state_bytes(opt: torch.optim.Optimizer) -> int:
                if isinstance(t, torch.Tensor))
 
 
-def time_bsam(shapes, device, dtype, backend, reps) -> tuple[dict, int, int]:
+def time_bsam(shapes, device, dtype, backend, reps, alongside: Optional[Callable[[], None]] = None
+              ) -> tuple[dict, int, int]:
+    """Median ms of each phase, state bytes, backend name. alongside (untimed by default):
+    a step of another optimizer timed in the same loop, before each bSAM step, whose
+    median is returned as phases["alongside"]: a ratio of the two that drifts of the
+    machine's speed between separate runs do not move (the host layout's rows)."""
     params, grads = _make_params(shapes, device, dtype)
     opt = BSAM(params, lr=1e-3, num_data=50_000, rho=0.05, weight_decay=1e-4, backend=backend, seed=0)
 
@@ -183,7 +188,13 @@ def time_bsam(shapes, device, dtype, backend, reps) -> tuple[dict, int, int]:
     # One untimed step allocates the state and the scratch buffers.
     opt.sample_noise(); put_grads(); opt.perturb(); put_grads(); opt.step()
     phase_times = {"sample": [], "perturb": [], "update": []}
+    if alongside is not None:
+        phase_times["alongside"] = []
     for i in range(3 + reps):
+        if alongside is not None:
+            _sync(device); t = time.perf_counter(); alongside(); _sync(device)
+            if i >= 3:
+                phase_times["alongside"].append(time.perf_counter() - t)
         opt.zero_grad()                 # as a training loop does between steps (untimed)
         _sync(device); t0 = time.perf_counter(); opt.sample_noise(); _sync(device); t1 = time.perf_counter()
         put_grads()
@@ -225,12 +236,18 @@ def time_compiled_peer(shapes, device, dtype, reps) -> tuple[dict, int]:
     return times, state
 
 
-def time_adamw(shapes, device, dtype, impl, reps) -> tuple[float, int]:
+def adamw(shapes, device, dtype, impl) -> torch.optim.AdamW:
+    """An AdamW (fused or foreach) over such parameters with gradients, stepped once."""
     params, grads = _make_params(shapes, device, dtype)
     for p, g in zip(params, grads):
         p.grad = g
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-4, **{impl: True})
     opt.step()
+    return opt
+
+
+def time_adamw(shapes, device, dtype, impl, reps) -> tuple[float, int]:
+    opt = adamw(shapes, device, dtype, impl)
     return median_ms(opt.step, device, reps), _state_bytes(opt)
 
 
@@ -259,14 +276,21 @@ def run_ops(device: torch.device, sizes, layouts, dtype: torch.dtype, backends, 
         for backend in backends:
             if backend == "compiled":
                 phases, state = time_compiled_peer(shapes, device, dtype, reps)
+            elif layout == "host":      # AdamW(fused) timed in the same loop: a steady ratio
+                peer = adamw(shapes, device, dtype, "fused")
+                phases, state, _ = time_bsam(shapes, device, dtype, backend, reps, alongside=peer.step)
+                phases["adamw_fused_same_loop"] = phases.pop("alongside")
             else:
                 phases, state, _ = time_bsam(shapes, device, dtype, backend, reps)
-            rows[backend] = (sum(phases.values()), phases, state, sum(bsam_bytes(numel, P, S).values()))
+            bsam_ms = sum(v for k, v in phases.items() if k in ("sample", "perturb", "update"))
+            rows[backend] = (bsam_ms, phases, state, sum(bsam_bytes(numel, P, S).values()))
             if bar: bar.update()
         fused_ms = rows["adamw_fused"][0]
         ref_ms = rows["reference"][0] if "reference" in rows else None
         for backend, (ms, phases, state, nbytes) in rows.items():
             gbps = nbytes / ms / 1e6
+            if "adamw_fused_same_loop" in phases:
+                phases["ratio_vs_adamw_fused_same_loop"] = ms / phases["adamw_fused_same_loop"]
             records.append(Record(backend=backend, device=device.type, device_name=name,
                                   dtype=str(dtype).replace("torch.", ""), layout=layout, numel=numel,
                                   ntensors=len(shapes), median_ms=ms, gbps=gbps,
@@ -289,6 +313,14 @@ def format_table(records: list[Record]) -> str:
         lines.append(f"{r.layout:<12}{r.numel:>11}{r.ntensors:>8}  {r.backend:<14}{r.median_ms:>10.2f}"
                      f"{r.gbps:>8.1f}{r.pct_copy_bw:>7.0f}{r.ratio_vs_adamw_fused:>15.2f}{ref:>14}"
                      f"{r.state_bytes / 2**20:>10.1f}")
+    host = [r for r in records if "adamw_fused_same_loop" in r.phases_ms]
+    if host:
+        lines += ["", "host overhead: each phase and the whole step against AdamW(fused=True) timed in the same loop"]
+        for r in host:
+            a = r.phases_ms["adamw_fused_same_loop"]
+            ratios = "  ".join(f"{k} {r.phases_ms[k] / a:.2f}x" for k in ("sample", "perturb", "update"))
+            lines.append(f"{r.ntensors:>5} tensors x {r.numel // r.ntensors}  {r.backend:<9} AdamW(fused) {a:.3f} ms;"
+                         f"  {ratios};  step {r.median_ms / a:.2f}x")
     return "\n".join(lines)
 
 

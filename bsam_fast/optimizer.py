@@ -116,7 +116,7 @@ class BSAM(Optimizer):
         if self._capturable and tensors:
             # Made now: made inside a graph capture, a counter's zero-fill would be replayed
             # with every step, and the host's position is stale once a graph has replayed.
-            self._state.device_skipped = torch.zeros((), dtype=torch.int64, device=tensors[0].device)
+            self._state.device_skipped = torch.zeros(1, dtype=torch.int64, device=tensors[0].device)
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)

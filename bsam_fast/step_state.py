@@ -120,22 +120,22 @@ class StepState:
     def count_device_skip(self, flag: Tensor) -> None:
         """Adds 1 on the device where `flag` > 0, without a host synchronisation."""
         if self.device_skipped is None:
-            self.device_skipped = torch.zeros((), dtype=torch.int64, device=flag.device)
-        self.device_skipped.add_((flag > 0).to(torch.int64).sum().to(self.device_skipped.device))
+            self.device_skipped = torch.zeros(1, dtype=torch.int64, device=flag.device)
+        self.device_skipped.add_(flag.to(self.device_skipped.device) > 0)
 
     def watch_device_skip(self, noisy: Tensor, perturbed: Tensor) -> None:
         """Keep the flags of a step that may have skipped on the device, to be read once
         they are ready: at once on the CPU, after an event on CUDA (copied asynchronously)."""
         counter = self.device_skipped
+        if noisy.device.type != "cuda":
+            self.pending_skip = (None, (noisy, perturbed, counter))
+            return
         values = torch.stack([noisy.reshape(()), perturbed.reshape(()),
-                              counter.to(device=noisy.device, dtype=torch.float32)])
-        if values.device.type == "cuda":
-            host = values.to("cpu", non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(torch.cuda.current_stream(values.device))
-            self.pending_skip = (event, host)
-        else:
-            self.pending_skip = (None, values)
+                              counter.to(device=noisy.device, dtype=torch.float32).reshape(())])
+        host = values.to("cpu", non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(values.device))
+        self.pending_skip = (event, host)
 
     def poll_device_skip(self) -> Optional[tuple[str, int, int]]:
         """(which gradient, steps skipped so far, steps skipped since the last report) if
@@ -147,7 +147,7 @@ class StepState:
         if event is not None and not event.query():
             return None
         self.pending_skip = None
-        noisy, perturbed, count = values.tolist()
+        noisy, perturbed, count = values.tolist() if event is not None else (t.item() for t in values)
         new = int(count) - self.reported_device_skips   # a newer report covers older unread ones
         if new <= 0:
             return None
