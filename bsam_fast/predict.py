@@ -30,7 +30,8 @@ def _softmax(logits: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def _probs(model: nn.Module, x: Tensor, batch_size: int) -> Tensor:
+def probabilities(model: nn.Module, x: Tensor, batch_size: int = 1024) -> Tensor:
+    """Softmax probabilities of the model as it is (mode and parameters), in batches."""
     # FSDP2 keeps the root module's parameters gathered after a forward pass without
     # backward: reshard before and after, so that every forward here gathers the shards as
     # they are (the sample or the mean written into them).
@@ -44,7 +45,7 @@ def _probs(model: nn.Module, x: Tensor, batch_size: int) -> Tensor:
 def predict_mean(model: nn.Module, x: Tensor, batch_size: int = 1024) -> Tensor:
     """Class probabilities at the current parameters (the mean, between bSAM steps)."""
     with eval_mode(model):
-        return _probs(model, x, batch_size)
+        return probabilities(model, x, batch_size)
 
 
 @torch.no_grad()
@@ -64,6 +65,6 @@ def predict_bma(model: nn.Module, optimizer: BSAM, x: Tensor, samples: int = 32,
     with eval_mode(model):
         for _ in range(samples):
             with optimizer.sampled_params(generator=generator):
-                probs = _probs(model, x, batch_size)
+                probs = probabilities(model, x, batch_size)
             total = probs if total is None else total + probs
     return total / samples

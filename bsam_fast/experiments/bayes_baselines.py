@@ -73,13 +73,13 @@ class SWAG:
     @torch.no_grad()
     def predict(self, x: Tensor, samples: int, seed: int, batch_size: int = 1024) -> Tensor:
         """Softmax probabilities averaged over SWAG samples; the SWA mean afterwards."""
-        from ..predict import _probs, eval_mode
+        from ..predict import probabilities, eval_mode
         gen = torch.Generator().manual_seed(seed)
         total = 0
         with eval_mode(self.model):
             for _ in range(samples):
                 self.sample_into_model(gen)
-                total = total + _probs(self.model, x, batch_size)
+                total = total + probabilities(self.model, x, batch_size)
         vector_to_parameters(self.mean, self.model.parameters())
         return total / samples
 

@@ -26,7 +26,7 @@ from .baselines import SAM
 from . import bayes_baselines
 from ..optimizer import BSAM
 from ..parts import split_batch
-from ..predict import _probs, eval_mode, predict_bma, predict_mean
+from ..predict import probabilities, eval_mode, predict_bma, predict_mean
 
 METHODS = ("sgd", "adam", "sam_sgd", "sam_adam", "bsam", "ivon", "swag", "laplace")
 ABLATIONS = ("bsam_nonoise",)
@@ -224,7 +224,7 @@ def predictive(trained: Trained, method: str, x: Tensor, samples: int = 32, seed
             total = 0
             for _ in range(samples):
                 with opt.sampled_params():
-                    total = total + _probs(model, x, 1024)
+                    total = total + probabilities(model, x, 1024)
         return total / samples
     if method == "swag":
         return trained.posterior.predict(x, samples, seed)
