@@ -61,3 +61,14 @@ def snapshot(model, opt):
         if "mean" in st:
             out[name + ".mean"] = st["mean"].double().clone()
     return out
+
+
+def amp_parts(model, opt, scaler, x, y, poison=False):
+    """The two passes of a GradScaler step in the phase API, up to scaler.step(opt); poison:
+    an inf in the noisy gradient."""
+    opt.sample_noise()
+    scaler.scale(F.cross_entropy(model(x), y)).backward()
+    if poison:
+        model.fc1.weight.grad[0, 0] = float("inf")
+    opt.perturb(grad_scaler=scaler)
+    scaler.scale(F.cross_entropy(model(x), y)).backward()

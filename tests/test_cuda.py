@@ -15,7 +15,7 @@ from bsam_fast.backends import reference as ref
 from bsam_fast.noise import noise_bases, normal_like
 from conftest import GOLDEN_DIR
 from golden import replay
-from helpers import make_model
+from helpers import amp_parts, make_model
 
 HAVE_CUDA = torch.cuda.is_available() and _ops.has_kernel("cuda")
 gpu = [pytest.mark.gpu, pytest.mark.skipif(not HAVE_CUDA, reason="needs a CUDA GPU and the CUDA kernels")]
@@ -187,15 +187,6 @@ def _sync_is_an_error():
         torch.cuda.set_sync_debug_mode(0)
 
 
-def _amp_parts(model, opt, scaler, x, y, poison=False):
-    opt.sample_noise()
-    scaler.scale(F.cross_entropy(model(x), y)).backward()
-    if poison:
-        model.fc1.weight.grad[0, 0] = float("inf")
-    opt.perturb(grad_scaler=scaler)
-    scaler.scale(F.cross_entropy(model(x), y)).backward()
-
-
 @pytest.mark.parametrize("capturable", [False, True])
 @pytest.mark.parametrize("device", [pytest.param("cuda", marks=gpu)])
 def test_amp_overflow_changes_nothing_and_does_not_synchronise(device, capturable):
@@ -204,13 +195,13 @@ def test_amp_overflow_changes_nothing_and_does_not_synchronise(device, capturabl
                capturable=capturable)
     scaler = torch.amp.GradScaler("cuda", init_scale=2.0 ** 10)
     x, y = torch.randn(16, 1, 5, 5, device=device), torch.randint(0, 3, (16,), device=device)
-    _amp_parts(model, opt, scaler, x, y)     # through the scaler once (it reads found_inf itself)
+    amp_parts(model, opt, scaler, x, y)     # through the scaler once (it reads found_inf itself)
     scaler.step(opt)
     scaler.update()
     opt.zero_grad()
     before = {(n, k): v.clone() for n, p in model.named_parameters() for k, v in opt.state[p].items()}
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
-    _amp_parts(model, opt, scaler, x, y, poison=True)
+    amp_parts(model, opt, scaler, x, y, poison=True)
     with _sync_is_an_error():                        # the optimizer's part must not sync
         opt.step()                                   # finished without scaler.step
     opt.zero_grad()
@@ -265,7 +256,7 @@ def test_capturable_with_grad_scaler_equals_eager(device):
         torch.manual_seed(9)
         for t in range(4):
             x, y = torch.randn(16, 1, 5, 5, device=device), torch.randint(0, 3, (16,), device=device)
-            _amp_parts(model, opt, scaler, x, y, poison=(t == 2))
+            amp_parts(model, opt, scaler, x, y, poison=(t == 2))
             scaler.step(opt)
             scaler.update()
             opt.zero_grad()

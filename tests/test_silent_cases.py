@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from bsam_fast import BSAM, split_batch
 from bsam_fast.predict import predict_bma
-from helpers import make_data, make_model
+from helpers import amp_parts, make_data, make_model
 
 
 def _quadratic(params):
@@ -241,12 +241,7 @@ def test_a_noisy_overflow_under_a_grad_scaler_backs_the_scale_off():
         scale = scaler.get_scale()
         weights = [p.detach().clone() for p in model.parameters()]
         opt.zero_grad()
-        opt.sample_noise()
-        scaler.scale(F.cross_entropy(model(x), y)).backward()
-        if poison:
-            model.fc1.weight.grad[0, 0] = float("inf")
-        opt.perturb(grad_scaler=scaler)
-        scaler.scale(F.cross_entropy(model(x), y)).backward()
+        amp_parts(model, opt, scaler, x, y, poison)
         scaler.step(opt)
         scaler.update()
         if poison:
