@@ -6,7 +6,8 @@ build and nvcc is found (``CUDA_HOME``). Without a compiler the package installs
 and runs on the ``foreach`` backend.
 
 Environment:
-  BSAM_NO_EXTENSION=1   build nothing (pure Python install)
+  BSAM_NO_EXTENSION=1   build nothing (pure Python install; at run time, BSAM_PURE_PYTORCH=1
+                        uses the pure-PyTorch backends even where the kernels are built)
   BSAM_NO_CUDA=1        build only the CPU kernels
   BSAM_CPU_ARCH=...     -march for the CPU kernels (default: native; "" for the compiler default)
   TORCH_CUDA_ARCH_LIST  CUDA architectures (default "8.0;9.0")
@@ -75,9 +76,13 @@ def _extensions():
         import torch
         from torch.utils import cpp_extension
     except ImportError:
-        print("bsam-fast: torch is not importable at build time (use "
-              "`pip install --no-build-isolation`); building no kernels", file=sys.stderr)
-        return [], {}
+        # pip's default build isolation hides the torch you have (and pyproject.toml does
+        # not ask for one: that would build against another torch than the one the
+        # extension loads into). Stop now, saying what works.
+        raise SystemExit("bsam-fast: torch is not importable here, so the kernels cannot be built "
+                         "against your torch. Install torch first, then build without isolation:\n"
+                         "    pip install --no-build-isolation .\n"
+                         "(or BSAM_NO_EXTENSION=1 pip install . for the pure-PyTorch backends only)")
     if not _have_cxx():
         print("bsam-fast: no C++ compiler found; building no kernels", file=sys.stderr)
         return [], {}
@@ -86,7 +91,9 @@ def _extensions():
     if arch:
         cxx_flags += [f"-march={arch}", "-mprefer-vector-width=512"]
     sources = [s for s in CPU_SOURCES]
-    define_macros = []
+    # Recorded in the extension: on import, a torch of another version falls back with a
+    # message (bsam_fast/_ops.py) rather than loading kernels built for another ABI.
+    define_macros = [("BSAM_TORCH_VERSION", '"' + torch.__version__ + '"')]
     extra = {"cxx": cxx_flags}
     want_cuda = (os.environ.get("BSAM_NO_CUDA") != "1" and torch.version.cuda is not None
                  and cpp_extension.CUDA_HOME is not None

@@ -2,23 +2,45 @@
 
 Loading ``bsam_fast._C`` registers the ops and their CPU (and CUDA) kernels. The fake
 implementations below let ``torch.compile`` and ``torch.library.opcheck`` trace them:
-every op mutates its arguments in place and returns nothing.
+every op mutates its arguments in place and returns nothing. The kernels are not used
+(the pure-PyTorch backends run instead, with one warning saying why) when they were not
+built, do not load, were built for another torch, or ``BSAM_PURE_PYTORCH=1`` is set.
 """
 from __future__ import annotations
 
-import warnings
+import importlib.util
+import os
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
-try:
-    from . import _C  # noqa: F401  (registers torch.ops.bsam_fast.*)
-    LOAD_ERROR: Optional[str] = None
-except ImportError as exc:  # no compiler at install time, or a torch/ABI mismatch
-    LOAD_ERROR = str(exc) or exc.__class__.__name__
+from ._checks import warn_user
 
-_warned = False
+REBUILD = "pip install --no-build-isolation ."     # builds against the torch you have
+PURE_PYTORCH_VARIABLE = "BSAM_PURE_PYTORCH"
+
+
+def _load() -> tuple[Optional[str], bool]:
+    """(why the kernels are unavailable, or None; whether to warn about it)."""
+    value = os.environ.get(PURE_PYTORCH_VARIABLE, "")
+    if value not in ("", "0"):
+        return f"{PURE_PYTORCH_VARIABLE}={value} asks for the pure-PyTorch backends", False
+    if importlib.util.find_spec(f"{__package__}._C") is None:
+        return f"this install has no compiled kernels (bsam_fast/_C*.so was not built); build them: {REBUILD}", True
+    try:
+        from . import _C  # registers torch.ops.bsam_fast.*
+    except ImportError as exc:                       # most often: built for another torch
+        return f"the compiled kernels do not load ({str(exc).splitlines()[0]}); rebuild: {REBUILD}", True
+    built = getattr(_C, "torch_version", "unknown")
+    if built not in ("unknown", torch.__version__):
+        return (f"the compiled kernels were built for torch {built}, but torch {torch.__version__} is "
+                f"loaded; rebuild them for it: {REBUILD}"), True
+    return None, False
+
+
+LOAD_ERROR, _warn = _load()
+_warned = not _warn
 
 
 def is_loaded() -> bool:
@@ -26,14 +48,13 @@ def is_loaded() -> bool:
 
 
 def warn_once_unavailable() -> None:
-    """Say once that the compiled kernels are missing and what runs instead."""
+    """Say once (at the user's line) that the compiled kernels are not used and what runs
+    instead; not when BSAM_PURE_PYTORCH asked for that."""
     global _warned
     if not _warned and LOAD_ERROR is not None:
         _warned = True
-        warnings.warn("bsam_fast: compiled kernels not available (" + LOAD_ERROR.splitlines()[0]
-                      + "); using the 'foreach' backend. Reinstall with a C++ compiler and "
-                      "`pip install --no-build-isolation .` to build them.", RuntimeWarning,
-                      stacklevel=3)
+        warn_user(f"bsam_fast: compiled kernels not available: {LOAD_ERROR}. Using the pure-PyTorch "
+                  "'foreach' backend (slower).")
 
 
 def has_kernel(device_type: str) -> bool:

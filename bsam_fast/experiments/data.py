@@ -76,7 +76,11 @@ def load_fashion_mnist(split: str = "train", folder: str = FASHION_DIR):
 
 def load_digits(split: str = "train", seed: int = 0, train_fraction: float = 0.8):
     """scikit-learn's digits as (N, 1, 8, 8) in [0, 1]; a fixed random 80/20 split."""
-    from sklearn.datasets import load_digits as sk_digits
+    try:
+        from sklearn.datasets import load_digits as sk_digits
+    except ImportError as exc:
+        raise ImportError("the digits data set comes with scikit-learn: pip install "
+                          "'bsam-fast[experiments]' (or pip install scikit-learn)") from exc
     data = sk_digits()
     x = torch.tensor(data.images, dtype=torch.float32)[:, None] / 16.0
     y = torch.tensor(data.target, dtype=torch.int64)

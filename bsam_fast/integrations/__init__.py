@@ -12,7 +12,18 @@ A loop of your own (timm-style, accelerate without Trainer) needs neither: use
 """
 from __future__ import annotations
 
+import importlib
+
 from ..optimizer import BSAM
+
+
+def require(module: str, extra: str):
+    """Import `module`, or an ImportError naming the extra that installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ImportError(f"{module} is not installed: this integration needs it. "
+                          f"pip install 'bsam-fast[{extra}]' (or pip install {extra})") from exc
 
 
 def unwrap_bsam(optimizer) -> BSAM:

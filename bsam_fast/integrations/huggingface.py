@@ -23,9 +23,8 @@ the perturbed point. ``optimizer.step()`` then finishes the step.
 """
 from __future__ import annotations
 
-import transformers
-
-from . import unwrap_bsam
+from . import require, unwrap_bsam
+transformers = require("transformers", "huggingface")
 
 
 class BSAMTrainer(transformers.Trainer):

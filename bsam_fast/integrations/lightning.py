@@ -28,10 +28,10 @@ from __future__ import annotations
 import warnings
 from typing import Callable, Optional
 
-import lightning.pytorch as pl
 from torch import Tensor
 
-from . import unwrap_bsam
+from . import require, unwrap_bsam
+pl = require("lightning.pytorch", "lightning")
 from ..optimizer import BSAM
 
 
