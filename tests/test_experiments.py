@@ -85,7 +85,7 @@ def test_a_selection_at_a_grid_edge_shifts_the_axis_until_it_is_inside(monkeypat
     assert len(result["grids"]["bsam"]) == GRID_SIZE
     assert len(calls) == GRID_SIZE + 3 * 4        # each shift runs one new lr (x 2 rho x 2 prior precisions)
     result, _ = _fake_tune(monkeypatch, best_lr=1e3)             # too far: stops, says so
-    assert result["at_edge"]["bsam"] and result["lr_shift"]["bsam"] == 3
+    assert result["at_edge"]["bsam"] and result["lr_shift"]["bsam"] == 6
     result, calls = _fake_tune(monkeypatch, best_lr=0.3)         # inside: no shift
     assert result["lr_shift"]["bsam"] == 0 and len(calls) == GRID_SIZE
 

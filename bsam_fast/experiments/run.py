@@ -245,7 +245,7 @@ def main(argv=None):
     tu.add_argument("--methods", nargs="+", default=all_methods, choices=all_methods)
     tu.add_argument("--val-fraction", type=float, default=0.1)
     tu.add_argument("--quick", action="store_true", help="2 configurations per method (smoke test)")
-    tu.add_argument("--max-shifts", type=int, default=3,
+    tu.add_argument("--max-shifts", type=int, default=6,
                     help="how many times a learning-rate axis may move away from an edge selection")
     t = sub.add_parser("table", parents=[common, data_args], help="metric table, tuned methods, several seeds")
     t.add_argument("--tuned", default=None, help="tuned.json written by `tune` (else the defaults)")

@@ -108,7 +108,7 @@ def select(trials: list[dict], key: str) -> dict:
 
 def tune(x, y, methods, make_model, *, epochs: int, batch: int, warmup_epochs: float, seed: int = 0,
          samples: int = 8, val_fraction: float = 0.1, quick: bool = False, backend: str = "auto",
-         store: RunStore | None = None, spec_base: dict | None = None, max_shifts: int = 3,
+         store: RunStore | None = None, spec_base: dict | None = None, max_shifts: int = 6,
          progress: bool = False, log=print) -> dict:
     """Run every method's grid (shifting learning-rate axes away from edge selections);
     returns the protocol, all trials and the selections."""
