@@ -298,7 +298,7 @@ class BSAM(Optimizer):
             if not first_part and [list(map(id, a)) for a in active] != [list(map(id, a)) for a in st.active]:
                 raise RuntimeError("perturb(): the set of parameters with gradients changed "
                                    "between the parts of one step")
-            grads = phases.gradients(active_work, checked=not self._trusts_gradients())
+            grads = phases.bucket_gradients(active_work, checked=not self._trusts_gradients())
             self._reshard_fsdp_modules()     # FSDP2: the next forward gathers the perturbed shards
             phases.restore(self._backend, idle_work)
             phases.perturb(self._backend, active_work, grads, inv_scale, first_part,
@@ -499,7 +499,7 @@ class BSAM(Optimizer):
         st = self._state
         try:
             self._check_perturbed_present()
-            grads = phases.gradients(st.active_work, checked=not self._trusts_gradients())
+            grads = phases.bucket_gradients(st.active_work, checked=not self._trusts_gradients())
             grads = phases.check_finite(self._backend, st.active_work, grads,
                                         lambda device: st.found_flag("perturbed", device))
             if self._unstepped:                 # their state is the trained one from now on
@@ -543,10 +543,13 @@ class BSAM(Optimizer):
         """Per-parameter posterior standard deviation 1/sqrt(N*s), in param-group order;
         0 for frozen parameters (requires_grad=False): they are not part of the posterior.
         For an FSDP2 parameter, a DTensor laid out like it."""
+        return [sharded.as_dtensor_like(std, p) if sharded.is_sharded(p) else std
+                for p, std in zip(self._params(), self._local_posterior_std())]
+
+    def _local_posterior_std(self) -> list[Tensor]:
         if refresh_unstepped(self.param_groups, self.state, self._unstepped):   # s_init may have changed
             self._plans.drop()
-        return [sharded.as_dtensor_like(std, p) if sharded.is_sharded(p) else std
-                for p, std in zip(self._params(), local_posterior_std(self.param_groups, self.state))]
+        return local_posterior_std(self.param_groups, self.state)
 
     @contextlib.contextmanager
     def sampled_params(self, generator: Optional[torch.Generator] = None) -> Iterator[None]:
@@ -563,8 +566,7 @@ class BSAM(Optimizer):
         if generator is None and any(sharded.is_sharded(p) for p in params):
             raise ValueError("sampled_params() of FSDP2-sharded parameters needs a torch.Generator "
                              "seeded alike on every rank (every rank must draw the same sample)")
-        stds = self.posterior_std()
-        stds = [sharded.local(s) for s in stds]
+        stds = self._local_posterior_std()
         means = [mean_of(p, self.state, self._unstepped) if p.requires_grad else None for p in params]
         with sampled(params, stds, means, generator, self._reshard_fsdp_modules):
             yield

@@ -70,7 +70,7 @@ def clip_coefficient(grads, m: int, inv_scale: Optional[Tensor], max_norm: float
     return torch.clamp(max_norm / (total + 1e-6), max=1.0)
 
 
-def gradients(work: Work, checked: bool) -> list[list[list[Tensor]]]:
+def bucket_gradients(work: Work, checked: bool) -> list[list[list[Tensor]]]:
     """Per group and bucket, the .grad of the bucket's parameters: checked, or as they are."""
     if checked:
         return [[check_gradients(b.owners) for b in buckets] for _, buckets in work]
@@ -88,13 +88,12 @@ def _accepted(backend: Backend, op: Callable[[list[Tensor]], None], b: Bucket,
     touches memory: they are then checked in Python (converted, or the problem named) and
     op runs again on converted ones; an error that is not about them is raised as it is.
     Returns the gradients op took."""
-    if not backend.checks_inputs:         # given checked gradients
-        op(grads)
-        return grads
     try:
         op(grads)
         return grads
     except RuntimeError:
+        if not backend.checks_inputs:             # it was given checked gradients
+            raise
         checked = check_gradients(b.owners)       # raises, naming the problem, if there is one
         if all(c is g for c, g in zip(checked, grads)):
             raise                                 # not the gradients: the op's own error
