@@ -198,6 +198,23 @@ def test_selection_ranks_diverged_runs_last():
     assert select(trials[:2], "nll") is trials[1]
 
 
+def test_a_diverged_laplace_run_scores_nan_instead_of_ending_the_process():
+    # laplace-torch calls exit() when the Hessian of diverged weights cannot be decomposed;
+    # a tuning grid must go on and rank that run last.
+    import math
+    import torch
+    from bsam_fast.experiments import bayes_baselines, training
+    pytest.importorskip("laplace")
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    with torch.no_grad():
+        model[1].weight[0, 0] = math.nan
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    assert bayes_baselines.fit_laplace(model, x, y) is None
+    trained = training.Trained(model, None, 0.0, None)
+    scores = training.evaluate(trained, "laplace", x, y)["pred"]
+    assert math.isnan(scores["nll"])
+
+
 def test_warm_up_then_cosine():
     from bsam_fast.experiments.training import lr_factor
     assert [lr_factor(s, 10, 2) for s in (0, 1)] == [0.5, 1.0]

@@ -85,12 +85,18 @@ class SWAG:
 
 
 def fit_laplace(model: nn.Module, x: Tensor, y: Tensor, batch: int = 256):
-    """Last-layer KFAC Laplace at the model's parameters, prior precision by marglik."""
+    """Last-layer KFAC Laplace at the model's parameters, prior precision by marglik;
+    None when training diverged (non-finite parameters have no Hessian to decompose)."""
     laplace = _need("laplace", "laplace-torch")
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        return None
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch)
     la = laplace.Laplace(model, "classification", subset_of_weights="last_layer",
                          hessian_structure="kron")
-    la.fit(loader)
+    try:
+        la.fit(loader)
+    except SystemExit:      # laplace-torch calls exit() when an eigendecomposition fails
+        raise RuntimeError("laplace-torch could not decompose the last layer's Hessian") from None
     la.optimize_prior_precision(method="marglik")
     return la
 

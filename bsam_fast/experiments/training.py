@@ -229,6 +229,8 @@ def predictive(trained: Trained, method: str, x: Tensor, samples: int = 32, seed
     if method == "swag":
         return trained.posterior.predict(x, samples, seed)
     if method == "laplace":
+        if trained.posterior is None:                 # diverged: no Laplace fit
+            return torch.full_like(predict_mean(model, x), float("nan"))
         with eval_mode(model):
             return bayes_baselines.predict_laplace(trained.posterior, x)
     return predict_mean(model, x)
