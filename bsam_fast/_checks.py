@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .sharded import is_sharded, local, local_like, unsupported_reason
+from .sharded import is_sharded, local, local_like, mesh_group, unsupported_reason
 
 
 _INTERNAL = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(torch.__file__)))
@@ -88,11 +88,12 @@ def check_hyperparameters(group: dict, read_tensors: bool = True) -> None:
             raise ValueError(f"Invalid beta{i + 1} (betas[{i}]): {beta} (must be in [0, 1))")
 
 
-def check_max_grad_norm(value) -> None:
+def check_max_grad_norm(value) -> Optional[float]:
     if value is None:
-        return
+        return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"Invalid max_grad_norm: {value!r} (None, or a finite number > 0)")
+    return float(value)
 
 
 def check_parameter(p: Tensor) -> None:
@@ -117,6 +118,45 @@ def check_parameter(p: Tensor) -> None:
         raise ValueError(f"a parameter of shape {tuple(p.shape)} has stride {p.stride()}: its "
                          "elements share memory (an expand()ed tensor); pass a tensor that owns "
                          "its elements (e.g. p.contiguous())")
+
+
+def check_backend_takes(backend, params: Sequence[Tensor]) -> None:
+    """Each parameter (this process's shard of it) is one the backend can step."""
+    for p in params:
+        reason = backend.supports(local(p))
+        if reason is not None:
+            raise ValueError(f"backend {backend.name!r} cannot handle a parameter: {reason}")
+
+
+def check_group(group: dict, backend, shard_group, constructed: bool) -> None:
+    """A param group joining: its hyperparameters (betas made a tuple) and parameters.
+    FSDP2-sharded ones join at construction, on the optimizer's mesh."""
+    check_hyperparameters(group)
+    group["betas"] = tuple(group["betas"])
+    check_unique(group["params"])
+    for p in group["params"]:
+        check_parameter(p)
+    check_backend_takes(backend, group["params"])
+    mesh = mesh_group(group["params"])
+    if mesh is not None and (constructed or mesh is not shard_group):
+        raise ValueError("FSDP2-sharded parameters join a BSAM at construction (its mesh, seed and shared "
+                         "flags are set up there), all on one mesh")
+
+
+def check_seed(seed) -> int:
+    if not isinstance(seed, int) or not 0 <= seed < 2 ** 64:
+        raise ValueError(f"Invalid seed: {seed!r} (must be an int in [0, 2**64))")
+    return seed
+
+
+def check_options(backend, capturable: bool, max_grad_norm: Optional[float], sharded: bool) -> None:
+    """The constructor's options that exclude one another."""
+    if sharded and max_grad_norm is not None:
+        raise ValueError("max_grad_norm is not supported with FSDP2-sharded parameters (the norm "
+                         "spans the ranks' shards): clip the DTensor gradients with "
+                         "torch.nn.utils.clip_grad_norm_ before step() in the phase API")
+    if capturable and not backend.device_side:
+        raise ValueError(f"capturable=True needs a fused backend ('cuda' or 'cpu'), not {backend.name!r}")
 
 
 def check_unique(params: Sequence[Tensor]) -> None:
@@ -205,7 +245,7 @@ def check_state_dict(state_dict: dict, params: list[Tensor]) -> None:
     if not isinstance(noise, dict) or not {"seed", "offset"} <= set(noise):
         raise ValueError("state_dict['noise'] must be a dict with 'seed' and 'offset'")
     seed, offset = noise["seed"], noise["offset"]
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 64:
+    if not isinstance(seed, int) or not 0 <= seed < 2 ** 64:
         raise ValueError(f"state_dict noise seed {seed!r} must be an int in [0, 2**64)")
     if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset < 2 ** 63:
         raise ValueError(f"state_dict noise offset {offset!r} must be an int in [0, 2**63)")

@@ -76,19 +76,30 @@ if is_loaded():
 
 
 def sample_(params, means, precisions, bases, num_data, seed, offset, load_mean,
-            noise: Optional[Sequence[Tensor]] = None, offset_tensor: Optional[Tensor] = None) -> None:
+            noise: Optional[Sequence[Tensor]] = None, offset_tensor: Optional[Tensor] = None,
+            table_key: Optional[int] = None) -> None:
+    """table_key: see csrc/ops.cpp (a step plan's bucket: the same lists at every call)."""
     torch.ops.bsam_fast.sample_(params, means, precisions, list(bases), float(num_data),
                                 to_signed64(seed), to_signed64(offset), load_mean,
-                                None if noise is None else list(noise), offset_tensor)
+                                None if noise is None else list(noise), offset_tensor, table_key)
+
+
+def _scalar_tensor(value, device: torch.device) -> Optional[Tensor]:
+    """A tensor-valued lr, rho or factor as the kernels read it: float32 or float64 in place
+    (no copy per call, so that writes to it drive a captured graph), else as float64."""
+    if not isinstance(value, Tensor):
+        return None
+    return value.to(device=device, dtype=value.dtype if value.dtype in (torch.float32, torch.float64)
+                    else torch.float64)
 
 
 def perturb_(params, grads, means, precisions, u_sums, rho, inv_scale, first_part,
-             found_inf) -> None:
+             found_inf, table_key: Optional[int] = None) -> None:
     """rho may be a Python number or a one-element tensor on the device."""
-    rho_tensor = rho.to(device=params[0].device, dtype=torch.float64) if isinstance(rho, Tensor) else None
+    rho_tensor = _scalar_tensor(rho, params[0].device)
     torch.ops.bsam_fast.perturb_(params, grads, means, precisions, u_sums,
                                  0.0 if rho_tensor is not None else float(rho),
-                                 inv_scale, first_part, found_inf, rho_tensor)
+                                 inv_scale, first_part, found_inf, rho_tensor, table_key)
 
 
 def check_finite_(tensors, found_inf, like: Optional[Sequence[Tensor]] = None) -> None:
@@ -97,18 +108,19 @@ def check_finite_(tensors, found_inf, like: Optional[Sequence[Tensor]] = None) -
 
 
 def update_(params, means, momenta, precisions, grads, u_sums, grad_factor, u_factor, lr,
-            beta1, beta2, weight_decay, damping, write_mean, skip_if: Optional[Tensor] = None) -> None:
+            beta1, beta2, weight_decay, damping, write_mean, skip_if: Optional[Tensor] = None,
+            table_key: Optional[int] = None) -> None:
     """grad_factor and lr may be Python numbers or one-element tensors on the device; both
     kernels read tensors as float64 (lr and rho too), the precision of the arithmetic for
     float64 parameters."""
-    factor_tensor = grad_factor.to(dtype=torch.float64) if isinstance(grad_factor, Tensor) else None
+    factor_tensor = _scalar_tensor(grad_factor, params[0].device)
     factor = 1.0 if factor_tensor is not None else float(grad_factor)
-    lr_tensor = lr.to(device=params[0].device, dtype=torch.float64) if isinstance(lr, Tensor) else None
+    lr_tensor = _scalar_tensor(lr, params[0].device)
     lr_value = 0.0 if lr_tensor is not None else float(lr)
     torch.ops.bsam_fast.update_(params, means, momenta, precisions, grads, u_sums,
                                 factor_tensor, factor, float(u_factor), lr_value, float(beta1),
                                 float(beta2), float(weight_decay), float(damping), write_mean,
-                                lr_tensor, skip_if)
+                                lr_tensor, skip_if, table_key)
 
 
 def normal(tensors: Sequence[Tensor], bases: Sequence[int], seed: int, offset: int) -> list[Tensor]:

@@ -184,12 +184,9 @@ def time_bsam(shapes, device, dtype, backend, reps, alongside: Optional[Callable
         for p, g in zip(params, grads):
             p.grad = g
 
-    phases = {}
     # One untimed step allocates the state and the scratch buffers.
     opt.sample_noise(); put_grads(); opt.perturb(); put_grads(); opt.step()
-    phase_times = {"sample": [], "perturb": [], "update": []}
-    if alongside is not None:
-        phase_times["alongside"] = []
+    phase_times = {k: [] for k in ("sample", "perturb", "update") + (("alongside",) if alongside else ())}
     for i in range(3 + reps):
         if alongside is not None:
             _sync(device); t = time.perf_counter(); alongside(); _sync(device)
@@ -205,8 +202,7 @@ def time_bsam(shapes, device, dtype, backend, reps, alongside: Optional[Callable
             phase_times["sample"].append(t1 - t0)
             phase_times["perturb"].append(t3 - t2)
             phase_times["update"].append(t5 - t4)
-    phases = {k: statistics.median(v) * 1e3 for k, v in phase_times.items()}
-    return phases, _state_bytes(opt), opt.backend
+    return {k: statistics.median(v) * 1e3 for k, v in phase_times.items()}, _state_bytes(opt), opt.backend
 
 
 def time_compiled_peer(shapes, device, dtype, reps) -> tuple[dict, int]:
@@ -246,11 +242,6 @@ def adamw(shapes, device, dtype, impl) -> torch.optim.AdamW:
     return opt
 
 
-def time_adamw(shapes, device, dtype, impl, reps) -> tuple[float, int]:
-    opt = adamw(shapes, device, dtype, impl)
-    return median_ms(opt.step, device, reps), _state_bytes(opt)
-
-
 def run_ops(device: torch.device, sizes, layouts, dtype: torch.dtype, backends, reps: int,
             progress: bool = True) -> list[Record]:
     copy_bw = copy_bandwidth_gbps(device)
@@ -270,7 +261,8 @@ def run_ops(device: torch.device, sizes, layouts, dtype: torch.dtype, backends, 
         numel = sum(math.prod(s) for s in shapes)
         rows = {}
         for impl in ("fused", "foreach"):
-            ms, state = time_adamw(shapes, device, dtype, impl, reps)
+            opt = adamw(shapes, device, dtype, impl)
+            ms, state = median_ms(opt.step, device, reps), _state_bytes(opt)
             rows[f"adamw_{impl}"] = (ms, {}, state, adamw_bytes(numel, P, S))
             if bar: bar.update()
         for backend in backends:
@@ -328,7 +320,7 @@ def plot(records: list[Record], path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(7, 4.5))  # GB/s against parameters, a line per backend and layout
     for layout in sorted({r.layout for r in records}):
         for backend in sorted({r.backend for r in records}):
             pts = sorted((r.numel, r.gbps) for r in records if r.backend == backend and r.layout == layout)
@@ -412,13 +404,12 @@ def format_end_to_end(results: list[dict]) -> str:
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bsam_fast.bench", description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--sizes", nargs="+", type=float, default=None,
-                    help="parameters per layout (the host layout: 400 and 86 tensors of 16, always)")
+    ap.add_argument("--sizes", nargs="+", type=float, default=None, help="parameters per layout (the host "
+                    "layout: 400 and 86 tensors of 16, always)")
     ap.add_argument("--layouts", nargs="+", default=None, choices=LAYOUTS)
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
-    ap.add_argument("--backends", nargs="+", default=None,
-                    help="bSAM backends (default: all available); 'compiled': the torch.compile "
-                         "peer (compiled_peer.py), a row of its own")
+    ap.add_argument("--backends", nargs="+", default=None, help="bSAM backends (default: all available); "
+                    "'compiled': the torch.compile peer (compiled_peer.py), a row of its own")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--json", help="write the records as a JSON list")
     ap.add_argument("--plot", help="write a PNG of GB/s against parameters")
@@ -443,13 +434,11 @@ def main(argv=None):
     print(format_table(records))
     out = {"ops": [asdict(r) for r in records]}
     if args.end_to_end:
-        e2e = run_end_to_end(device, args.models, backends, args.reps, progress=not args.no_progress)
-        print()
-        print(format_end_to_end(e2e))
-        out["end_to_end"] = e2e
+        out["end_to_end"] = run_end_to_end(device, args.models, backends, args.reps, progress=not args.no_progress)
+        print("\n" + format_end_to_end(out["end_to_end"]))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(out["ops"] if not args.end_to_end else out, f, indent=1)
+            json.dump(out if args.end_to_end else out["ops"], f, indent=1)
     if args.plot:
         plot(records, args.plot)
     return out

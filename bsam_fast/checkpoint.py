@@ -16,6 +16,7 @@ from torch import Tensor
 from . import distributed, sharded
 from ._checks import check_state_dict
 from .backends.base import opmath_dtype
+from .tensor_state import init_state
 
 STREAM_KEY = "bsam_stream"
 UNSTEPPED_KEY = "unstepped"
@@ -89,8 +90,10 @@ def saved_states(state_dict: dict) -> dict:
     return {i: dict(state_dict["state"].get(i, {})) for g in state_dict["param_groups"] for i in g["params"]}
 
 
-def restore_states(saved: dict, params: list[Tensor], state, unstepped: set) -> None:
-    """Each parameter's saved state, as copies on its device in its opmath dtype."""
+def restore_states(saved: dict, param_groups: list[dict], state, unstepped: set) -> None:
+    """After torch.optim's load: each parameter's saved state, as copies on its device in its
+    opmath dtype; parameters with none saved start as new."""
+    params = [p for g in param_groups for p in g["params"]]
     for i, p in zip(saved, params):
         st = dict(saved[i])
         state.pop(p, None)
@@ -102,6 +105,11 @@ def restore_states(saved: dict, params: list[Tensor], state, unstepped: set) -> 
                         for k, v in st.items()}
             if was_unstepped:
                 unstepped.add(p)
+    for g in param_groups:
+        g["betas"] = tuple(g["betas"])
+        for p in g["params"]:
+            if p.requires_grad and p not in state:
+                init_state(state[p], p, g["s_init"], unstepped)
 
 
 __all__ = ["STREAM_KEY", "UNSTEPPED_KEY", "add_stream_and_states", "normalised", "checked", "saved_states",

@@ -41,6 +41,11 @@ def setup(params: Sequence[Tensor], seed: int, process_group, capturable: bool) 
     return group, rank, world_size, shard_group, seed
 
 
+def rank_in(group) -> int:
+    import torch.distributed as dist
+    return dist.get_rank(group)
+
+
 def join_process_group(process_group, seed: int, params: Sequence[Tensor]) -> tuple:
     """``BSAM(..., process_group=...)``: (group, rank, world size, shared seed). Every rank
     then draws from its own noise stream, keyed by the shared seed (rank 0's, broadcast

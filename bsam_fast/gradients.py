@@ -25,6 +25,23 @@ def drop_stale(param_groups: list[dict], left: dict) -> int:
     return len(foreign)
 
 
+def refuse_zeroing(parts: int, active: list[list[Tensor]]) -> None:
+    """zero_grad() after perturb() of part k > 1 is refused (before anything changes): it
+    would drop the perturbed gradients of the earlier parts, which .grad holds."""
+    if parts > 1 and any([p.grad is not None for params in active for p in params]):
+        raise RuntimeError(f"zero_grad() after perturb() of part {parts} would drop the perturbed gradients of "
+                           "the earlier parts, which .grad holds; zero the gradients before sample_noise() "
+                           "instead (or use step_parts, whose closures may zero)")
+
+
+def stale_warning(foreign: int) -> str:
+    return (f"BSAM: {foreign} parameter(s) had a gradient from before the step that the last step did not "
+            "leave (a backward without zero_grad(), or micro-batches accumulated for this step); it was "
+            "dropped, as the noisy gradient must be taken at the noisy point alone. Gradients cannot be "
+            "accumulated across bSAM steps: use m parts (step_parts; in Lightning, BSAMCallback refuses "
+            "accumulate_grad_batches).")
+
+
 def left_by_step(active: list[list[Tensor]]) -> dict:
     """{id(parameter): (id(gradient), its version)} of the gradients in .grad now."""
     return {id(p): (id(p.grad), p.grad._version) for params in active for p in params if p.grad is not None}

@@ -1,10 +1,11 @@
 """`BSAM`: Bayesian-SAM as a ``torch.optim.Optimizer``.
 
 A thin class: it owns the parameters' state, the step machine (``step_state.py``), the
-validation of what users hand it (``_checks.py``) and the calls. A step's work is done by
-the functional core (``phases.py``, ``update.py``) over the cached step plan
-(``plan.py``), through a backend (``backends/``). Checkpoints are in ``checkpoint.py``,
-the posterior's functions in ``posterior.py``, the collectives in ``distributed.py``.
+validation of what users hand it (``_checks.py``) and the calls. ``step(closure)`` and
+``step_parts`` drive the phases (``drivers.py``); a phase's work is done by the
+functional core (``phases.py``, ``update.py``) over the cached step plan (``plan.py``),
+through a backend (``backends/``). Checkpoints: ``checkpoint.py``; the posterior's
+functions: ``posterior.py``; the collectives: ``distributed.py``.
 """
 from __future__ import annotations
 
@@ -15,16 +16,16 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import checkpoint, distributed, gradients, phases, sharded, update
-from ._checks import (check_hyperparameters, check_max_grad_norm, check_noise, check_parameter,
-                      check_unique, listed, tensors_in, warn_user)
+from . import checkpoint, distributed, drivers, gradients, phases, sharded, update
+from ._checks import (check_group, check_hyperparameters, check_max_grad_norm, check_noise, check_options,
+                      check_parameter, check_seed, listed, tensors_in, warn_user)
 from .backends import make_backend
 from .noise import continued_bases, seed_from_default_generator, stream_seed
-from .plan import PlanCache, StepPlan, split_by_gradient
+from .plan import PlanCache, StepPlan, active_work as active_work_of
 from .posterior import local_posterior_std, mean_of, sampled
 from .sharded import local
 from .step_state import IDLE, NOISY, PERTURBED, StepState
-from .tensor_state import init_state, memory_footprint, refresh_unstepped
+from .tensor_state import init_state, memory_footprint
 
 
 # torch.compile: the phases and drivers run eagerly (graph breaks), with their closures; the
@@ -75,8 +76,7 @@ class BSAM(Optimizer):
                  max_grad_norm: Optional[float] = None):
         if not isinstance(backend, str):
             raise ValueError(f"Invalid backend: {backend!r} (expected a string)")
-        check_max_grad_norm(max_grad_norm)
-        self._max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self._max_grad_norm = check_max_grad_norm(max_grad_norm)
         defaults = dict(lr=lr, num_data=num_data, rho=rho, betas=tuple(betas),
                         weight_decay=weight_decay, damping=damping, s_init=s_init)
         check_hyperparameters(defaults)
@@ -86,22 +86,13 @@ class BSAM(Optimizer):
             check_parameter(p)
         # Resolved before the groups join (add_param_group checks against them).
         self._backend = make_backend(backend, [local(p) for p in tensors])
-        if seed is None:
-            seed = seed_from_default_generator()
-        if not isinstance(seed, int) or not 0 <= seed < 2 ** 64:
-            raise ValueError(f"Invalid seed: {seed!r} (must be an int in [0, 2**64))")
+        seed = seed_from_default_generator() if seed is None else check_seed(seed)
         # DDP (process_group): per-rank noise streams; FSDP2: the sharded parameters' mesh,
         # over which the inf/NaN flags are shared (every rank draws rank 0's stream).
         (self._group, self._rank, self._world_size, self._shard_group, seed) = distributed.setup(
             tensors, seed, process_group, capturable)
         self._fsdp_modules = sharded.owning_modules(tensors) if self._shard_group is not None else []
-        if self._shard_group is not None and self._max_grad_norm is not None:
-            raise ValueError("max_grad_norm is not supported with FSDP2-sharded parameters (the norm "
-                             "spans the ranks' shards): clip the DTensor gradients with "
-                             "torch.nn.utils.clip_grad_norm_ before step() in the phase API")
-        if capturable and not self._backend.device_side:
-            raise ValueError(f"capturable=True needs a fused backend ('cuda' or 'cpu'), not "
-                             f"{self.backend!r}")
+        check_options(self._backend, capturable, self._max_grad_norm, self._shard_group is not None)
         self._capturable = bool(capturable)
         self._state = StepState(seed)
         self._noise_base: dict[Tensor, int] = {}
@@ -122,18 +113,7 @@ class BSAM(Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:                             # a refused group leaves the optimizer as it was
-            check_hyperparameters(group)
-            group["betas"] = tuple(group["betas"])
-            check_unique(group["params"])
-            for p in group["params"]:
-                check_parameter(p)
-                reason = self._backend.supports(local(p))
-                if reason is not None:
-                    raise ValueError(f"backend {self.backend!r} cannot handle a parameter: {reason}")
-            mesh = sharded.mesh_group(group["params"])
-            if mesh is not None and (self._constructed or mesh is not self._shard_group):
-                raise ValueError("FSDP2-sharded parameters join a BSAM at construction (its mesh, seed "
-                                 "and shared flags are set up there), all on one mesh")
+            check_group(group, self._backend, self._shard_group, self._constructed)
             starts = [sharded.shard_start(p) for p in group["params"]]
         except Exception:
             self.param_groups.pop()
@@ -158,10 +138,7 @@ class BSAM(Optimizer):
     def rank(self) -> int:
         """This process's rank in the optimizer's process group, or in the FSDP2 mesh's (0
         when not distributed)."""
-        if self._shard_group is not None:
-            import torch.distributed as dist
-            return dist.get_rank(self._shard_group)
-        return self._rank
+        return distributed.rank_in(self._shard_group) if self._shard_group is not None else self._rank
 
     @property
     def noise_seed(self) -> int:
@@ -195,22 +172,8 @@ class BSAM(Optimizer):
         sharded.reshard(self._fsdp_modules)
 
     def _current_plan(self) -> StepPlan:
-        """The step plan, made again when what it was built from has changed."""
-        if refresh_unstepped(self.param_groups, self.state, self._unstepped):
-            self._plans.drop()               # (before the first step only)
-        plan = self._plans.plan
-        if plan is None or not plan.is_current(self.param_groups):
-            for group in self.param_groups:  # parameters unfrozen since: their state
-                for p in group["params"]:
-                    if p.requires_grad:
-                        init_state(self.state[p], p, group["s_init"], self._unstepped)
-            for group in self.param_groups:   # converted since (e.g. channels_last): say so now
-                for p in group["params"]:
-                    reason = self._backend.supports(local(p)) if p.requires_grad else None
-                    if reason is not None:
-                        raise ValueError(f"backend {self.backend!r} cannot handle a parameter: {reason}")
-            plan = self._plans.plan = StepPlan(self.param_groups, self.state, self._noise_base, self._scratch)
-        return plan
+        return self._plans.current(self.param_groups, self.state, self._noise_base, self._scratch,
+                                   self._unstepped, self._backend)
 
     # ------------------------------------------------------------------ phases
     @_eager
@@ -233,10 +196,15 @@ class BSAM(Optimizer):
             noise = dict(zip(map(id, params), check_noise(noise, params)))
         self._reshard_fsdp_modules()         # FSDP2: the next forward gathers the noisy shards
         first_part = st.phase == IDLE
-        if not first_part:
-            self._bank_perturbed_gradients()
+        if not first_part:       # bank the perturbed-gradient sum: the noisy backward gives g_k alone
+            try:
+                phases.require_gradients(st.active_work)
+            except RuntimeError:
+                self.cancel_step()
+                raise
+            st.banked = gradients.take(st.active)
         else:
-            self._report_device_skip()
+            update.report_device_skip(self._state)
             # Hyperparameters written into param_groups since (schedulers, users) are checked
             # here, before the step changes anything (tensor values unread: no host sync).
             for group in self.param_groups:
@@ -276,29 +244,13 @@ class BSAM(Optimizer):
         if st.phase != NOISY:
             raise RuntimeError("perturb() must follow sample_noise() and a backward() at "
                                "the noisy point")
-        if grad_scaler is not None and grad_scaler.is_enabled():
-            try:
-                inv_scale = update.inverse_scale_of(grad_scaler)
-            except RuntimeError:
-                self.cancel_step()
-                raise
-            # Kept for step(): the perturbed gradients carry the same scale, also when the
-            # step is finished by opt.step() rather than scaler.step(opt).
-            st.scaler_inv_scale, st.scaler = inv_scale, grad_scaler
-        else:
-            inv_scale = None
         first_part = st.parts == 0
         try:
-            active, active_work, idle_work = self._active_work()
-            if not any(active) and any(gp.params for gp in st.plan.groups):
-                raise RuntimeError("perturb(): no parameter has a gradient at the noisy point; call "
-                                   "backward() on the loss after sample_noise() and before perturb() "
-                                   "(a bSAM step takes a gradient at the noisy point, then one at the "
-                                   "perturbed point)")
-            if not first_part and [list(map(id, a)) for a in active] != [list(map(id, a)) for a in st.active]:
-                raise RuntimeError("perturb(): the set of parameters with gradients changed "
-                                   "between the parts of one step")
-            grads = phases.bucket_gradients(active_work, checked=not self._trusts_gradients())
+            inv_scale = update.keep_scaler(st, grad_scaler)
+            active, active_work, idle_work = active_work_of(st.plan, st.sampled, self.param_groups, self.state,
+                                                            self._noise_base, self._scratch,
+                                                            None if first_part else st.active)
+            grads = phases.bucket_gradients(active_work, checked=not st.plan.trusts_gradients)
             self._reshard_fsdp_modules()     # FSDP2: the next forward gathers the perturbed shards
             phases.restore(self._backend, idle_work)
             phases.perturb(self._backend, active_work, grads, inv_scale, first_part,
@@ -315,27 +267,12 @@ class BSAM(Optimizer):
         st.parts += 1
         st.phase = PERTURBED
 
-    def _trusts_gradients(self) -> bool:
-        """True if the backend may be handed the .grad tensors unchecked (see phases.py)."""
-        return self._backend.checks_inputs and not self._state.plan.sharded
-
-    def _active_work(self) -> tuple[list, list, list]:
-        """(per group: the parameters with a gradient; their work; the work of those without)."""
-        st = self._state
-        if not phases.missing_gradients(st.sampled):       # the usual case: the plan's buckets
-            return [gp.params for gp in st.plan.groups], st.sampled, []
-        return split_by_gradient(st.plan, self.param_groups, self.state, self._noise_base, self._scratch)
-
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As torch.optim's, but refused (before anything changes) while ``.grad`` holds
         the perturbed gradients of earlier parts of an m-part step: zeroing would drop
         them. Zero before ``sample_noise()``; ``step_parts`` closures may zero freely."""
-        if self._state.phase == PERTURBED and self._state.parts > 1 and any(
-                p.grad is not None for params in self._state.active for p in params):
-            raise RuntimeError("zero_grad() after perturb() of part "
-                               f"{self._state.parts} would drop the perturbed gradients of the "
-                               "earlier parts, which .grad holds; zero the gradients before "
-                               "sample_noise() instead (or use step_parts, whose closures may zero)")
+        if self._state.phase == PERTURBED:
+            gradients.refuse_zeroing(self._state.parts, self._state.active)
         super().zero_grad(set_to_none=set_to_none)
         if not set_to_none:                       # zeroed in place: still nothing of the user's
             self._state.left_grads = gradients.left_in(self.param_groups)
@@ -364,46 +301,16 @@ class BSAM(Optimizer):
         (this is what ``GradScaler.step(optimizer)`` calls).
         """
         if closure is None or self._state.phase == PERTURBED:
-            # Finishes a step begun with the phase API; the gradients at the perturbed point
-            # are in already (a closure passed here is run, but may not change them).
-            if self._state.phase != PERTURBED:
-                raise RuntimeError("step() without a closure finishes a step begun with "
-                                   "sample_noise() and perturb(); pass a closure instead. "
-                                   "Inside a trainer that calls optimizer.step() itself "
-                                   "(Hugging Face Trainer, accelerate, Lightning 16-mixed) "
-                                   "see bsam_fast.integrations.")
-            if noise is not None:
-                raise ValueError("noise is given to sample_noise() in the phase API")
-            if closure is not None:
-                self._run_finishing_closure(closure)
-            self._finish()
-            return None
+            return drivers.finishing_step(self, self._state, closure, noise, self._finish)
         if self._state.phase != IDLE:
             raise RuntimeError("step(closure) called between sample_noise() and perturb()")
         if hasattr(self, "grad_scale") or hasattr(self, "found_inf"):
-            self._forget_scaler_step()
+            update.forget_scaler_step(self)
             raise RuntimeError("GradScaler.step(optimizer, closure) cannot drive a bSAM step (the "
                                "scaler checks the gradients before the closure makes them); use "
                                "the phase API: sample_noise(), backward, perturb(grad_scaler="
                                "scaler), backward, scaler.step(optimizer)")
-        self._drop_stale_gradients()
-        try:
-            self.sample_noise(noise)
-            with torch.enable_grad():
-                first = closure()
-            if not gradients.any_gradient(self.param_groups):
-                # No backward at all (Lightning's training_step returning None skips a
-                # batch): no step, as torch.optim's optimizers make none.
-                self.cancel_step()
-                return first
-            self.perturb()
-            with torch.enable_grad():
-                loss = closure()
-        except BaseException:
-            self.cancel_step()
-            raise
-        self._finish()
-        return loss
+        return drivers.closure_step(self, closure, noise, self._finish)
 
     @_eager
     def step_parts(self, closure: Callable[[int], Tensor], m: int,
@@ -414,48 +321,7 @@ class BSAM(Optimizer):
         mean of the m perturbed gradients and of the m values sqrt(s)*|g_k|. Returns the
         mean of the losses at the perturbed points.
         """
-        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-            raise ValueError(f"Invalid m: {m!r} (must be an integer >= 1)")
-        if noise is not None and len(noise) != m:
-            raise ValueError(f"noise: expected one list per part (m={m}), got {len(noise)}")
-        if self._state.phase != IDLE:
-            raise RuntimeError("step_parts() called inside a step begun with sample_noise()")
-        losses = []
-        self._drop_stale_gradients()
-        try:
-            for k in range(m):
-                self.sample_noise(None if noise is None else noise[k])
-                with torch.enable_grad():
-                    closure(k)
-                self.perturb()
-                losses.append(gradients.run_onto_sum(self._state.active, lambda: closure(k)))
-        except BaseException:
-            self.cancel_step()
-            raise
-        self._finish()
-        if all(isinstance(loss, Tensor) for loss in losses):
-            return torch.stack([loss.detach() for loss in losses]).mean()
-        return None
-
-    def _run_finishing_closure(self, closure) -> None:
-        """A closure passed to the step() that finishes a phase-API step: a trainer's
-        (Lightning's manual optimization wraps a do-nothing closure in its hooks, such as
-        on_before_optimizer_step, which may read the gradients). It runs with the perturbed
-        gradients in place; one that changes them would count the perturbed gradient
-        twice: the step is then cancelled and refused."""
-        before = gradients.left_by_step(self._state.active)
-        try:
-            with torch.enable_grad():
-                closure()
-            changed = gradients.left_by_step(self._state.active) != before
-        except BaseException:
-            self.cancel_step()
-            raise
-        if changed:
-            self.cancel_step()
-            raise RuntimeError("step(closure) after perturb(): the closure changed the gradients (a "
-                               "backward?), which already hold the perturbed gradient; finish a "
-                               "phase-API step with step() alone")
+        return drivers.parts_step(self, closure, m, noise, self._finish)
 
     # ------------------------------------------------------------------ gradients
     def _drop_stale_gradients(self) -> None:
@@ -466,28 +332,7 @@ class BSAM(Optimizer):
         foreign = gradients.drop_stale(self.param_groups, self._state.left_grads)
         if foreign and not self._warned_stale:
             self._warned_stale = True
-            warn_user(f"BSAM: {foreign} parameter(s) had a gradient from before the step that the "
-                          "last step did not leave (a backward without zero_grad(), or micro-batches "
-                          "accumulated for this step); it was dropped, as the noisy gradient must be "
-                          "taken at the noisy point alone. Gradients cannot be accumulated across bSAM "
-                          "steps: use m parts (step_parts; in Lightning, BSAMCallback refuses "
-                          "accumulate_grad_batches).")
-
-    def _check_perturbed_present(self) -> None:
-        missing = phases.missing_gradients(self._state.active_work)
-        if missing:
-            raise RuntimeError(f"{missing} parameter(s) had a gradient at the noisy "
-                               "point but none at the perturbed point")
-
-    def _bank_perturbed_gradients(self) -> None:
-        """Part k > 1 begins: take the perturbed-gradient sum out of ``.grad``, so that the
-        coming noisy backward() gives g_k alone; perturb() hands it back afterwards."""
-        try:
-            self._check_perturbed_present()
-        except RuntimeError:
-            self.cancel_step()
-            raise
-        self._state.banked = gradients.take(self._state.active)
+            warn_user(gradients.stale_warning(foreign))
 
     # ------------------------------------------------------------------ update
     @torch.no_grad()
@@ -498,44 +343,21 @@ class BSAM(Optimizer):
         An error on the way cancels the step (parameters back at the mean) and is raised."""
         st = self._state
         try:
-            self._check_perturbed_present()
-            grads = phases.bucket_gradients(st.active_work, checked=not self._trusts_gradients())
+            phases.require_gradients(st.active_work)
+            grads = phases.bucket_gradients(st.active_work, checked=not st.plan.trusts_gradients)
             grads = phases.check_finite(self._backend, st.active_work, grads,
                                         lambda device: st.found_flag("perturbed", device))
             if self._unstepped:                 # their state is the trained one from now on
                 self._unstepped.difference_update([p for gp in st.plan.groups for p in gp.params])
-            self._update(grads)
+            update.finish(self._backend, st, grads, self, max_grad_norm=self._max_grad_norm,
+                          world_size=self._world_size, ddp_group=self._group, shard_group=self._shard_group,
+                          capturable=self._capturable)
             st.left_grads = gradients.left_in(self.param_groups)
         except BaseException:
             self.cancel_step()
-            self._forget_scaler_step()
+            update.forget_scaler_step(self)
             raise
-        self._report_device_skip()
-
-    def _update(self, grads) -> None:
-        if self._state.scaler is not None and hasattr(self, "found_inf"):     # scaler.step(opt)
-            update.tell_scaler_of_noisy_overflow(self._state, self)
-        report = update.finish(self._backend, self._state, grads, max_grad_norm=self._max_grad_norm,
-                               world_size=self._world_size,
-                               ddp_group=self._group, shard_group=self._shard_group,
-                               scaler_found=getattr(self, "found_inf", None),
-                               grad_scale_set=hasattr(self, "grad_scale"),
-                               grad_scale=getattr(self, "grad_scale", None),
-                               unscaled=update.unscaled_by(self._state.scaler, self), capturable=self._capturable)
-        if report is not None:
-            update.warn_skipped(*report)
-
-    def _report_device_skip(self) -> None:
-        """Say so if a step the device skipped has become known (never waits for it)."""
-        report = self._state.poll_device_skip()
-        if report is not None:
-            update.warn_skipped(*report)
-
-    def _forget_scaler_step(self) -> None:
-        """Drop the grad_scale/found_inf that GradScaler.step() set on the optimizer: the
-        scaler removes them only when step() returns, and a later step must not read them."""
-        self.__dict__.pop("grad_scale", None)
-        self.__dict__.pop("found_inf", None)
+        update.report_device_skip(self._state)
 
     # ------------------------------------------------------------------ posterior
     @torch.no_grad()
@@ -547,8 +369,7 @@ class BSAM(Optimizer):
                 for p, std in zip(self._params(), self._local_posterior_std())]
 
     def _local_posterior_std(self) -> list[Tensor]:
-        if refresh_unstepped(self.param_groups, self.state, self._unstepped):   # s_init may have changed
-            self._plans.drop()
+        self._plans.refresh(self.param_groups, self.state, self._unstepped)     # s_init may have changed
         return local_posterior_std(self.param_groups, self.state)
 
     @contextlib.contextmanager
@@ -563,12 +384,8 @@ class BSAM(Optimizer):
         if self.in_step:
             raise RuntimeError("sampled_params() inside an unfinished bSAM step")
         params = self._params()
-        if generator is None and any(sharded.is_sharded(p) for p in params):
-            raise ValueError("sampled_params() of FSDP2-sharded parameters needs a torch.Generator "
-                             "seeded alike on every rank (every rank must draw the same sample)")
-        stds = self._local_posterior_std()
         means = [mean_of(p, self.state, self._unstepped) if p.requires_grad else None for p in params]
-        with sampled(params, stds, means, generator, self._reshard_fsdp_modules):
+        with sampled(params, self._local_posterior_std(), means, generator, self._reshard_fsdp_modules):
             yield
 
     def memory_footprint(self) -> dict[str, int]:
@@ -581,8 +398,8 @@ class BSAM(Optimizer):
     # ------------------------------------------------------------------ copies
     # What a copy keeps besides torch.optim's defaults, state and groups (the plan and the
     # scratch buffers are made again).
-    _COPIED = ("_backend", "_capturable", "_max_grad_norm", "_state", "_noise_base", "_unstepped", "_warned_stale", "_constructed",
-               "_group", "_rank", "_world_size", "_shard_group", "_fsdp_modules")
+    _COPIED = ("_backend", "_capturable", "_max_grad_norm", "_state", "_noise_base", "_unstepped", "_warned_stale",
+               "_constructed", "_group", "_rank", "_world_size", "_shard_group", "_fsdp_modules")
 
     def __getstate__(self) -> dict:
         """copy.deepcopy, pickle and torch.save(optimizer) keep the whole optimizer (the
@@ -610,8 +427,7 @@ class BSAM(Optimizer):
         if self._state.phase != IDLE:
             raise RuntimeError("state_dict() inside an unfinished bSAM step (after "
                                "sample_noise(), before step())")
-        if refresh_unstepped(self.param_groups, self.state, self._unstepped):
-            self._plans.drop()
+        self._plans.refresh(self.param_groups, self.state, self._unstepped)
         return super().state_dict()
 
     @staticmethod
@@ -624,16 +440,10 @@ class BSAM(Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         if self._state.phase != IDLE:
             raise RuntimeError("load_state_dict() inside an unfinished bSAM step")
-        params = self._params()
-        state_dict = checkpoint.checked(state_dict, params, self._shard_group)
-        saved = checkpoint.saved_states(state_dict)
+        state_dict = checkpoint.checked(state_dict, self._params(), self._shard_group)
+        saved = checkpoint.saved_states(state_dict)      # (before torch.optim's load rounds them)
         super().load_state_dict(state_dict)
-        checkpoint.restore_states(saved, params, self.state, self._unstepped)
-        for g in self.param_groups:
-            g["betas"] = tuple(g["betas"])
-            for p in g["params"]:
-                if p.requires_grad and p not in self.state:     # none saved: as if new
-                    init_state(self.state[p], p, g["s_init"], self._unstepped)
+        checkpoint.restore_states(saved, self.param_groups, self.state, self._unstepped)
         self._plans.drop()
         self._state.set_noise(int(state_dict["noise"]["seed"]), int(state_dict["noise"]["offset"]))
         self._state.set_skipped(int(state_dict.get("skipped_steps", 0)))

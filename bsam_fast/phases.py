@@ -77,9 +77,12 @@ def bucket_gradients(work: Work, checked: bool) -> list[list[list[Tensor]]]:
     return [[[p.grad for p in b.owners] for b in buckets] for _, buckets in work]
 
 
-def missing_gradients(work: Work) -> int:
-    """How many parameters of the work have no gradient."""
-    return len([p for _, buckets in work for b in buckets for p in b.owners if p.grad is None])
+def require_gradients(work: Work) -> None:
+    """The perturbed gradient of every parameter that had a noisy one is there."""
+    missing = len([p for _, buckets in work for b in buckets for p in b.owners if p.grad is None])
+    if missing:
+        raise RuntimeError(f"{missing} parameter(s) had a gradient at the noisy point but none at the "
+                           "perturbed point")
 
 
 def _accepted(backend: Backend, op: Callable[[list[Tensor]], None], b: Bucket,

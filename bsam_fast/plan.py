@@ -16,24 +16,29 @@ drops the plan explicitly.
 """
 from __future__ import annotations
 
+import itertools
 import operator
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import Optional
 
 from torch import Tensor
 
 from .backends.base import Bucket, opmath_dtype
 from .sharded import is_sharded, local
-from .tensor_state import scratch_buffer
+from ._checks import check_backend_takes
+from .tensor_state import init_state, refresh_unstepped, scratch_buffer
 
 _requires_grad = operator.attrgetter("requires_grad")
 _NONE: dict = {}
+_table_keys = itertools.count()       # unique over the process: a key is never reused
 
 
-def buckets_of(params: list[Tensor], state, noise_base: dict, scratch: dict) -> list[Bucket]:
+def buckets_of(params: list[Tensor], state, noise_base: dict, scratch: dict, keyed: bool = False) -> list[Bucket]:
     """Buckets of the parameters (local shards of FSDP2 parameters), by device and dtype,
     and apart those whose noise does not start at a Philox block (a shard starting
-    mid-block: the fused kernels cannot draw it, see ``FusedBackend.sample``)."""
+    mid-block: the fused kernels cannot draw it, see ``FusedBackend.sample``). keyed: each
+    gets a table key of its own (a plan's buckets, kept across steps)."""
     by_key: dict[tuple, list[Tensor]] = defaultdict(list)
     for p in params:
         by_key[(p.device, p.dtype, noise_base[p] % 4 == 0)].append(p)
@@ -50,7 +55,8 @@ def buckets_of(params: list[Tensor], state, noise_base: dict, scratch: dict) -> 
             bases=[noise_base[p] for p in ps],
             master_mean=master,
             owners=ps,
-            aligned=aligned))
+            aligned=aligned,
+            table_key=next(_table_keys) if keyed else None))
     return buckets
 
 
@@ -61,7 +67,8 @@ class GroupPlan:
 
 
 class StepPlan:
-    def __init__(self, param_groups: list[dict], state, noise_base: dict, scratch: dict):
+    def __init__(self, param_groups: list[dict], state, noise_base: dict, scratch: dict,
+                 backend_checks_inputs: bool = False):
         # Each parameter's state dict, looked up once (a lookup hashes the tensor in Python):
         # its tensors are compared at every step, the dicts themselves replaced only by
         # load_state_dict, which drops the plan.
@@ -69,8 +76,11 @@ class StepPlan:
         self.groups = []
         for group in param_groups:
             params = [p for p in group["params"] if p.requires_grad]
-            self.groups.append(GroupPlan(params, buckets_of(params, state, noise_base, scratch)))
+            self.groups.append(GroupPlan(params, buckets_of(params, state, noise_base, scratch, keyed=True)))
         self.sharded = any(is_sharded(p) for g in param_groups for p in g["params"])
+        # A backend that checks its inputs may be handed .grad unchecked (see phases.py);
+        # DTensor gradients are made local (and checked) in Python.
+        self.trusts_gradients = backend_checks_inputs and not self.sharded
         self._stamp = self._stamp_of(param_groups)
 
     def _stamp_of(self, param_groups: list[dict]) -> list:
@@ -100,6 +110,27 @@ def split_by_gradient(plan: StepPlan, param_groups: list[dict], state, noise_bas
     return active, work(active), work(idle)
 
 
+def active_work(plan: StepPlan, sampled: list, param_groups: list[dict], state, noise_base: dict, scratch: dict,
+                earlier: Optional[list]) -> tuple[list, list, list]:
+    """perturb()'s split of the step's work by the gradient at the noisy point: (per group,
+    the parameters with one; their work; the work of those without). Refused when no
+    parameter has a gradient, or (a later part: ``earlier``, the first part's) when the
+    set changed between the parts of one step."""
+    # (list comprehensions: a generator would cost a Python call per tensor)
+    if not [p for _, buckets in sampled for b in buckets for p in b.owners if p.grad is None]:
+        active, work, idle = [gp.params for gp in plan.groups], sampled, []     # the usual case
+    else:
+        active, work, idle = split_by_gradient(plan, param_groups, state, noise_base, scratch)
+    if not any(active) and any(gp.params for gp in plan.groups):
+        raise RuntimeError("perturb(): no parameter has a gradient at the noisy point; call backward() on "
+                           "the loss after sample_noise() and before perturb() (a bSAM step takes a "
+                           "gradient at the noisy point, then one at the perturbed point)")
+    if earlier is not None and [list(map(id, a)) for a in active] != [list(map(id, a)) for a in earlier]:
+        raise RuntimeError("perturb(): the set of parameters with gradients changed between the parts of "
+                           "one step")
+    return active, work, idle
+
+
 class PlanCache:
     """Holds the current plan. One object, changed in place, so that a copy of the
     optimizer's ``__dict__`` (Lightning's wrapper) shares it."""
@@ -109,3 +140,24 @@ class PlanCache:
 
     def drop(self) -> None:
         self.plan = None
+
+    def refresh(self, param_groups: list[dict], state, unstepped: set) -> None:
+        """The initial state made again where its group's s_init or the parameter changed
+        (before a parameter's first step only); the plan is then made again."""
+        if refresh_unstepped(param_groups, state, unstepped):
+            self.plan = None
+
+    def current(self, param_groups: list[dict], state, noise_base: dict, scratch: dict, unstepped: set,
+                backend) -> StepPlan:
+        """The step plan, made again when what it was built from has changed: then the
+        parameters unfrozen since get their state, and those converted since (e.g. to
+        channels_last) are checked against the backend."""
+        self.refresh(param_groups, state, unstepped)
+        if self.plan is None or not self.plan.is_current(param_groups):
+            for group in param_groups:
+                for p in group["params"]:
+                    if p.requires_grad:
+                        init_state(state[p], p, group["s_init"], unstepped)
+                check_backend_takes(backend, [p for p in group["params"] if p.requires_grad])
+            self.plan = StepPlan(param_groups, state, noise_base, scratch, backend.checks_inputs)
+        return self.plan

@@ -48,6 +48,9 @@ def sampled(params: list[Tensor], stds: list[Tensor], means: list[Tensor], gener
     parameter's xi is drawn for the full tensor and cut to its rows), and their values
     again on exit, also on an exception; frozen parameters keep theirs. reshard() runs
     before both writes (FSDP2: the next forward gathers what was written)."""
+    if generator is None and any(sharded.is_sharded(p) for p in params):
+        raise ValueError("sampled_params() of FSDP2-sharded parameters needs a torch.Generator "
+                         "seeded alike on every rank (every rank must draw the same sample)")
     shards = [sharded.local(p) for p in params]
     saved = [shard.detach().clone() for shard in shards]
     reshard()

@@ -43,6 +43,16 @@ def inverse_scale_of(grad_scaler) -> Tensor:
     return phases.inverse(scale)
 
 
+def keep_scaler(st: StepState, grad_scaler) -> Optional[Tensor]:
+    """perturb(grad_scaler=...): 1/scale of an enabled scaler, kept for step() (the
+    perturbed gradients carry the same scale, also when the step is finished by opt.step()
+    rather than scaler.step(opt)); None without one."""
+    if grad_scaler is None or not grad_scaler.is_enabled():
+        return None
+    st.scaler_inv_scale, st.scaler = inverse_scale_of(grad_scaler), grad_scaler
+    return st.scaler_inv_scale
+
+
 def unscaled_by(scaler, optimizer) -> bool:
     """True if `scaler` (the GradScaler perturb() saw) has unscaled the optimizer's
     gradients since its last update() (``scaler.unscale_(opt)``, e.g. to clip)."""
@@ -128,23 +138,25 @@ def update_on_host(backend: Backend, st: StepState, grads, u_factor: float, inv_
     return None
 
 
-def finish(backend: Backend, st: StepState, grads, *, max_grad_norm: Optional[float], world_size: int,
-           ddp_group, shard_group,
-           scaler_found: Optional[Tensor], grad_scale_set: bool, grad_scale: Optional[Tensor], unscaled: bool,
-           capturable: bool) -> Optional[tuple[str, int]]:
+def finish(backend: Backend, st: StepState, grads, optimizer, *, max_grad_norm: Optional[float], world_size: int,
+           ddp_group, shard_group, capturable: bool) -> None:
     """Phase 3 once the perturbed gradients (`grads`) are accepted: reduce across ranks,
-    then update, or skip. GradScaler: ``grad_scale``/``found_inf`` as ``scaler.step(opt)``
-    set them on the optimizer (grad_scale_set), unscaled: ``scaler.unscale_(opt)`` came
-    first. Returns (which gradient, steps skipped so far) of a skip decided on the host
-    that is worth a warning (not a GradScaler's), else None."""
+    then update, or skip (with a warning when the host decided it, unless a GradScaler
+    drives the step). GradScaler: ``grad_scale``/``found_inf`` are read as
+    ``scaler.step(optimizer)`` set them on the optimizer; ``scaler.unscale_(optimizer)``
+    may have come first."""
+    scaler_found = getattr(optimizer, "found_inf", None)
+    grad_scale_set = hasattr(optimizer, "grad_scale")
+    if st.scaler is not None and scaler_found is not None:       # scaler.step(opt)
+        tell_scaler_of_noisy_overflow(st, optimizer)
     reduce_across_ranks(st, ddp_group, shard_group)
-    inv_scale = perturbed_inv_scale(st, grad_scale_set, grad_scale, unscaled)
+    inv_scale = perturbed_inv_scale(st, grad_scale_set, getattr(optimizer, "grad_scale", None),
+                                    unscaled_by(st.scaler, optimizer))
     u_factor = 1.0 / (st.parts * world_size)      # u_sums were summed over ranks
     scaled = st.used_scaler or grad_scale_set or scaler_found is not None
     clip = None
     if max_grad_norm is not None and any(g for group_grads in grads for g in group_grads):
         clip = phases.clip_coefficient(grads, st.parts, inv_scale, max_grad_norm)
-    report = None
     if backend.device_side:
         # (Under capturable=True nothing is watched: a graph replays the step, and an
         # event queried inside a capture would break it.)
@@ -155,9 +167,22 @@ def finish(backend: Backend, st: StepState, grads, *, max_grad_norm: Optional[fl
         if bad is not None and not scaled:
             # A non-finite noisy gradient makes the perturbed point, and so the perturbed
             # gradient, non-finite too: the first one is named.
-            report = (bad, st.skipped_steps)
+            warn_skipped(bad, st.skipped_steps)
     st.begin()
-    return report
+
+
+def report_device_skip(st: StepState) -> None:
+    """Say so if a step the device skipped has become known (never waits for it)."""
+    report = st.poll_device_skip()
+    if report is not None:
+        warn_skipped(*report)
+
+
+def forget_scaler_step(optimizer) -> None:
+    """Drop the grad_scale/found_inf that GradScaler.step() set on the optimizer: the
+    scaler removes them only when step() returns, and a later step must not read them."""
+    optimizer.__dict__.pop("grad_scale", None)
+    optimizer.__dict__.pop("found_inf", None)
 
 
 def warn_skipped(which: str, count: int, new: int = 1) -> None:

@@ -6,6 +6,10 @@
 // The Python wrappers and fake (meta) implementations are in bsam_fast/_ops.py.
 #include <torch/library.h>
 
+// table_key (sample_, perturb_, update_): a key the caller keeps for these lists (a step
+// plan's bucket); for one key every list but the gradients (sample_: but the noise) holds
+// the same tensors at every call, so an implementation may keep what it derived from them
+// (the CUDA kernels' packed pointer tables). None: nothing is kept.
 TORCH_LIBRARY(bsam_fast, m) {
   // params := means + xi / sqrt(num_data * precisions), xi from the Philox stream
   // (seed, offset, bases[i] + element) or from `noise`. load_mean: first means := params.
@@ -13,13 +17,13 @@ TORCH_LIBRARY(bsam_fast, m) {
   // `offset` by the kernel itself, so a captured CUDA graph draws fresh noise at replay.
   m.def("sample_(Tensor(a!)[] params, Tensor(b!)[] means, Tensor[] precisions, int[] bases, "
         "float num_data, int seed, int offset, bool load_mean, Tensor[]? noise, "
-        "Tensor? offset_tensor=None) -> ()");
+        "Tensor? offset_tensor=None, int? table_key=None) -> ()");
   // u_sums (+)= sqrt(s) * |g|;  params := means + rho * g / s, with g = grads * inv_scale.
   // found_inf := 1 if a gradient holds inf or NaN. (The caller then drops the gradients.)
   // rho_tensor: a one-element tensor read in place of `rho` (a schedule under CUDA graphs).
   m.def("perturb_(Tensor(a!)[] params, Tensor[] grads, Tensor[] means, Tensor[] precisions, "
         "Tensor(b!)[] u_sums, float rho, Tensor? inv_scale, bool first_part, "
-        "Tensor(c!) found_inf, Tensor? rho_tensor=None) -> ()");
+        "Tensor(c!) found_inf, Tensor? rho_tensor=None, int? table_key=None) -> ()");
   // found_inf := 1 if a tensor holds inf or NaN. like (the parameters), when given: each
   // tensor must match its parameter in device, shape and dtype (the gradients of a step,
   // checked before any bucket is updated).
@@ -36,7 +40,7 @@ TORCH_LIBRARY(bsam_fast, m) {
         "Tensor(d!)[] precisions, Tensor[] grads, Tensor[] u_sums, Tensor? grad_factor_tensor, "
         "float grad_factor, float u_factor, float lr, float beta1, float beta2, "
         "float weight_decay, float damping, bool write_mean, Tensor? lr_tensor=None, "
-        "Tensor? skip_if=None) -> ()");
+        "Tensor? skip_if=None, int? table_key=None) -> ()");
   // The stream's normals for each tensor (float32), for tests and tools.
   m.def("normal_(Tensor(a!)[] out, int[] bases, int seed, int offset) -> ()");
 }

@@ -49,6 +49,10 @@ class Bucket:
     owners: list[Tensor]       # the optimizer's parameter of each (the DTensor of a shard):
                                # whose .grad is its gradient
     aligned: bool = True       # every base a multiple of 4 (see FusedBackend.sample)
+    # A step plan's bucket: the key under which a backend may keep what it derives from
+    # these lists (the CUDA kernels' packed pointer tables) until the plan is made again.
+    # None for the buckets of a single step (parameters without a gradient split off).
+    table_key: Optional[int] = None
 
     @property
     def device(self) -> torch.device:

@@ -44,19 +44,19 @@ class FusedBackend(Backend):
     def sample(self, b: Bucket, num_data: float, seed: int, offset: int,
                noise: Optional[Sequence[Tensor]], load_mean: bool,
                offset_tensor: Optional[Tensor] = None) -> None:
-        bases = b.bases
+        bases, key = b.bases, b.table_key
         if noise is None and not b.aligned:
             noise = _normals_from(bases, b.params, seed, offset)
         if noise is not None:
             noise = [x.to(b.means[0].dtype).contiguous() for x in noise]
-            bases = [base - base % 4 for base in bases]      # unread: the noise is given
+            bases, key = [base - base % 4 for base in bases], None    # unread: the noise is given
         _ops.sample_(b.params, b.means, b.precisions, bases, num_data, seed, offset,
-                     load_mean, noise, offset_tensor)
+                     load_mean, noise, offset_tensor, key)
 
     def perturb(self, b: Bucket, grads: list[Tensor], rho: float,
                 inv_scale: Optional[Tensor], first_part: bool, found_inf: Tensor) -> None:
         _ops.perturb_(b.params, grads, b.means, b.precisions, b.u_sums, rho, inv_scale,
-                      first_part, found_inf)
+                      first_part, found_inf, b.table_key)
 
     def check_finite(self, grads: list[Tensor], found_inf: Tensor, like: Optional[list[Tensor]] = None) -> None:
         _ops.check_finite_(grads, found_inf, like)
@@ -66,7 +66,7 @@ class FusedBackend(Backend):
                        damping: float, skip_if: Optional[Tensor] = None) -> Callable[[], None]:
         return lambda: _ops.update_(b.params, b.means, b.momenta, b.precisions, grads, b.u_sums,
                                     grad_factor, u_factor, lr, beta1, beta2, weight_decay, damping,
-                                    b.master_mean, skip_if)
+                                    b.master_mean, skip_if, b.table_key)
 
 
 def _normals_from(bases: list[int], like: list[Tensor], seed: int, offset: int) -> list[Tensor]:

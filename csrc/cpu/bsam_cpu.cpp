@@ -169,7 +169,7 @@ void sample_chunk(scalar_t* __restrict__ p, opmath_t* __restrict__ w, const opma
 void sample_cpu(at::TensorList params, at::TensorList means, at::TensorList precisions,
                 at::IntArrayRef bases, double num_data, int64_t seed, int64_t offset,
                 bool load_mean, std::optional<at::TensorList> noise,
-                const std::optional<at::Tensor>& offset_tensor) {
+                const std::optional<at::Tensor>& offset_tensor, std::optional<int64_t> /*table_key*/) {
   check_sample_args(params, means, precisions, bases, noise, offset_tensor, at::kCPU);
   if (params.empty()) return;
   if (offset_tensor) offset = offset_tensor->item<int64_t>();
@@ -222,7 +222,7 @@ bool perturb_chunk(scalar_t* __restrict__ p, const scalar_t* __restrict__ grad, 
 void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList means,
                  at::TensorList precisions, at::TensorList u_sums, double rho,
                  const std::optional<at::Tensor>& inv_scale, bool first_part, const at::Tensor& found_inf,
-                 const std::optional<at::Tensor>& rho_tensor) {
+                 const std::optional<at::Tensor>& rho_tensor, std::optional<int64_t> /*table_key*/) {
   check_perturb_args(params, grads, means, precisions, u_sums, inv_scale, found_inf, rho_tensor, at::kCPU);
   if (params.empty()) return;
   if (rho_tensor) rho = rho_tensor->item<double>();
@@ -294,7 +294,7 @@ void update_cpu(at::TensorList params, at::TensorList means, at::TensorList mome
                 const std::optional<at::Tensor>& grad_factor_tensor, double grad_factor,
                 double u_factor, double lr, double beta1, double beta2, double weight_decay,
                 double damping, bool write_mean, const std::optional<at::Tensor>& lr_tensor,
-                const std::optional<at::Tensor>& skip_if) {
+                const std::optional<at::Tensor>& skip_if, std::optional<int64_t> /*table_key*/) {
   check_update_args(params, means, momenta, precisions, grads, u_sums, grad_factor_tensor, lr_tensor,
                     skip_if, at::kCPU);
   if (params.empty()) return;

@@ -17,6 +17,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 
 #include "../checks.h"
 #include "launch_ops.h"
@@ -36,9 +38,20 @@ __global__ void __launch_bounds__(kThreads) multi_tensor_kernel(TensorListArgs<D
   }
 }
 
+// The current device's multiprocessor count, queried once per device.
+int multiprocessors() {
+  static std::array<std::atomic<int>, C10_COMPILE_TIME_MAX_GPUS> counts{};  // 0: not read yet
+  const c10::DeviceIndex device = c10::cuda::current_device();
+  int n = counts[device].load(std::memory_order_relaxed);
+  if (n == 0) {
+    n = at::cuda::getDeviceProperties(device)->multiProcessorCount;
+    counts[device].store(n, std::memory_order_relaxed);
+  }
+  return n;
+}
+
 int grid_for(int64_t chunks) {
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  return static_cast<int>(std::min<int64_t>(chunks, static_cast<int64_t>(sms) * 16));
+  return static_cast<int>(std::min<int64_t>(chunks, static_cast<int64_t>(multiprocessors()) * 16));
 }
 
 // The `launch` of launch_ops.h: one kernel per packed list, on the current stream.
@@ -56,22 +69,24 @@ CudaLaunch current_stream_launch() { return CudaLaunch{at::cuda::getCurrentCUDAS
 
 void sample_cuda(at::TensorList params, at::TensorList means, at::TensorList precisions, at::IntArrayRef bases,
                  double num_data, int64_t seed, int64_t offset, bool load_mean,
-                 std::optional<at::TensorList> noise, const std::optional<at::Tensor>& offset_tensor) {
+                 std::optional<at::TensorList> noise, const std::optional<at::Tensor>& offset_tensor,
+                 std::optional<int64_t> table_key) {
   check_sample_args(params, means, precisions, bases, noise, offset_tensor, at::kCUDA);
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
   launch_sample(current_stream_launch(), params, means, precisions, bases, num_data, seed, offset, load_mean, noise,
-                offset_tensor);
+                offset_tensor, table_key);
 }
 
 void perturb_cuda(at::TensorList params, at::TensorList grads, at::TensorList means, at::TensorList precisions,
                   at::TensorList u_sums, double rho, const std::optional<at::Tensor>& inv_scale, bool first_part,
-                  const at::Tensor& found_inf, const std::optional<at::Tensor>& rho_tensor) {
+                  const at::Tensor& found_inf, const std::optional<at::Tensor>& rho_tensor,
+                  std::optional<int64_t> table_key) {
   check_perturb_args(params, grads, means, precisions, u_sums, inv_scale, found_inf, rho_tensor, at::kCUDA);
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
   launch_perturb(current_stream_launch(), params, grads, means, precisions, u_sums, rho, inv_scale, first_part,
-                 found_inf, rho_tensor);
+                 found_inf, rho_tensor, table_key);
 }
 
 void check_finite_cuda(at::TensorList tensors, const at::Tensor& found_inf,
@@ -87,13 +102,14 @@ void update_cuda(at::TensorList params, at::TensorList means, at::TensorList mom
                  at::TensorList grads, at::TensorList u_sums, const std::optional<at::Tensor>& grad_factor_tensor,
                  double grad_factor, double u_factor, double lr, double beta1, double beta2, double weight_decay,
                  double damping, bool write_mean, const std::optional<at::Tensor>& lr_tensor,
-                 const std::optional<at::Tensor>& skip_if) {
+                 const std::optional<at::Tensor>& skip_if, std::optional<int64_t> table_key) {
   check_update_args(params, means, momenta, precisions, grads, u_sums, grad_factor_tensor, lr_tensor, skip_if,
                     at::kCUDA);
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
   launch_update(current_stream_launch(), params, means, momenta, precisions, grads, u_sums, grad_factor_tensor,
-                grad_factor, u_factor, lr, beta1, beta2, weight_decay, damping, write_mean, lr_tensor, skip_if);
+                grad_factor, u_factor, lr, beta1, beta2, weight_decay, damping, write_mean, lr_tensor, skip_if,
+                table_key);
 }
 
 void normal_cuda(at::TensorList out, at::IntArrayRef bases, int64_t seed, int64_t offset) {

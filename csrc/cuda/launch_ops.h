@@ -8,8 +8,11 @@
 // with a sequential walk over every (block, thread): one source for both.
 //
 // Tensor-valued scalars are passed as pointers for the kernels to read: lr, rho and the
-// gradient factor as float64 (the arithmetic's precision for float64 parameters, as the
-// CPU kernels read them), a GradScaler's 1/scale and the skip flag as float32.
+// gradient factor as they are (float32 or float64, read as float64 like the CPU kernels
+// read them: no conversion per call), a GradScaler's 1/scale and the skip flag as float32.
+//
+// table_key (sample_, perturb_, update_): the step plan's key of the bucket; its packed
+// launches are kept (LaunchCache) and only the gradients' pointers are read again.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -33,6 +36,16 @@ void with_flag(bool flag, const Fn& fn) {
 // A pointer to the value of an optional one-element tensor as `dtype` (converted into
 // `holder` when needed; a tensor already of that dtype is read in place, so a CUDA graph
 // sees later writes to it), or nullptr.
+// A ScalarRef to an optional one-element tensor: float32 and float64 are read in place;
+// another floating dtype is converted into `holder` (a copy: a graph would not see writes).
+inline ScalarRef scalar_ref(const std::optional<at::Tensor>& t, at::Tensor& holder) {
+  if (!t) return {};
+  const at::Tensor& src = (t->scalar_type() == at::kFloat || t->scalar_type() == at::kDouble)
+                              ? *t
+                              : (holder = t->to(at::kDouble));
+  return {src.data_ptr(), src.scalar_type() == at::kDouble};
+}
+
 template <typename T>
 const T* scalar_ptr_or_null(const std::optional<at::Tensor>& t, at::ScalarType dtype, at::Tensor& holder) {
   if (!t) return nullptr;
@@ -43,7 +56,9 @@ const T* scalar_ptr_or_null(const std::optional<at::Tensor>& t, at::ScalarType d
 template <typename Launch>
 void launch_sample(const Launch& launch, at::TensorList params, at::TensorList means, at::TensorList precisions,
                    at::IntArrayRef bases, double num_data, int64_t seed, int64_t offset, bool load_mean,
-                   const std::optional<at::TensorList>& noise, const std::optional<at::Tensor>& offset_tensor) {
+                   const std::optional<at::TensorList>& noise, const std::optional<at::Tensor>& offset_tensor,
+                   std::optional<int64_t> table_key = std::nullopt) {
+  static LaunchCache<4> cache;
   const int64_t* offset_ptr = offset_tensor ? offset_tensor->data_ptr<int64_t>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "bsam_sample_cuda", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
@@ -53,10 +68,8 @@ void launch_sample(const Launch& launch, at::TensorList params, at::TensorList m
         using Body = SampleQuad<scalar_t, opmath_t, decltype(kLoadMean)::value, decltype(kGiven)::value>;
         const Body body{static_cast<opmath_t>(num_data), static_cast<uint64_t>(seed), static_cast<uint64_t>(offset),
                         offset_ptr};
-        for_each_launch<Body::kDepth>({params, means, precisions, xi}, bases.data(),
-                                      [&](const TensorListArgs<Body::kDepth>& a, int64_t chunks) {
-                                        launch(a, chunks, body, nullptr);
-                                      });
+        cache.run(table_key, {params, means, precisions, xi}, bases.data(), noise ? 3 : -1,
+                  [&](const TensorListArgs<Body::kDepth>& a, int64_t chunks) { launch(a, chunks, body, nullptr); });
       });
     });
   });
@@ -66,19 +79,19 @@ template <typename Launch>
 void launch_perturb(const Launch& launch, at::TensorList params, at::TensorList grads, at::TensorList means,
                     at::TensorList precisions, at::TensorList u_sums, double rho,
                     const std::optional<at::Tensor>& inv_scale, bool first_part, const at::Tensor& found_inf,
-                    const std::optional<at::Tensor>& rho_tensor) {
+                    const std::optional<at::Tensor>& rho_tensor, std::optional<int64_t> table_key = std::nullopt) {
+  static LaunchCache<5> cache;
   at::Tensor inv_holder, rho_holder;
   const float* inv_ptr = scalar_ptr_or_null<float>(inv_scale, at::kFloat, inv_holder);
-  const double* rho_ptr = scalar_ptr_or_null<double>(rho_tensor, at::kDouble, rho_holder);
+  const ScalarRef rho_ref = scalar_ref(rho_tensor, rho_holder);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "bsam_perturb_cuda", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     with_flag(first_part, [&](auto kFirst) {
       using Body = PerturbQuad<scalar_t, opmath_t, decltype(kFirst)::value>;
-      const Body body{static_cast<opmath_t>(rho), opmath_t(1), rho_ptr, inv_ptr};
-      for_each_launch<Body::kDepth>({params, grads, means, precisions, u_sums}, nullptr,
-                                    [&](const TensorListArgs<Body::kDepth>& a, int64_t chunks) {
-                                      launch(a, chunks, body, found_inf.data_ptr<float>());
-                                    });
+      const Body body{static_cast<opmath_t>(rho), opmath_t(1), rho_ref, inv_ptr};
+      float* found = found_inf.data_ptr<float>();
+      cache.run(table_key, {params, grads, means, precisions, u_sums}, nullptr, 1,
+                [&](const TensorListArgs<Body::kDepth>& a, int64_t chunks) { launch(a, chunks, body, found); });
     });
   });
 }
@@ -98,10 +111,12 @@ void launch_update(const Launch& launch, at::TensorList params, at::TensorList m
                    at::TensorList precisions, at::TensorList grads, at::TensorList u_sums,
                    const std::optional<at::Tensor>& grad_factor_tensor, double grad_factor, double u_factor,
                    double lr, double beta1, double beta2, double weight_decay, double damping, bool write_mean,
-                   const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& skip_if) {
+                   const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& skip_if,
+                   std::optional<int64_t> table_key = std::nullopt) {
+  static LaunchCache<6> cache;
   at::Tensor factor_holder, lr_holder, skip_holder;
-  const double* factor_ptr = scalar_ptr_or_null<double>(grad_factor_tensor, at::kDouble, factor_holder);
-  const double* lr_ptr = scalar_ptr_or_null<double>(lr_tensor, at::kDouble, lr_holder);
+  const ScalarRef factor_ref = scalar_ref(grad_factor_tensor, factor_holder);
+  const ScalarRef lr_ref = scalar_ref(lr_tensor, lr_holder);
   const float* skip_ptr = scalar_ptr_or_null<float>(skip_if, at::kFloat, skip_holder);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "bsam_update_cuda", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
@@ -112,11 +127,9 @@ void launch_update(const Launch& launch, at::TensorList params, at::TensorList m
     with_flag(write_mean, [&](auto kWriteMean) {
       using Body = UpdateQuad<scalar_t, opmath_t, decltype(kWriteMean)::value>;
       const Body body{coef, static_cast<opmath_t>(grad_factor), static_cast<opmath_t>(u_factor),
-                      factor_ptr, lr_ptr, skip_ptr, false};
-      for_each_launch<Body::kDepth>({params, means, momenta, precisions, grads, u_sums}, nullptr,
-                                    [&](const TensorListArgs<Body::kDepth>& a, int64_t chunks) {
-                                      launch(a, chunks, body, nullptr);
-                                    });
+                      factor_ref, lr_ref, skip_ptr, false};
+      cache.run(table_key, {params, means, momenta, precisions, grads, u_sums}, nullptr, 4,
+                [&](const TensorListArgs<Body::kDepth>& a, int64_t chunks) { launch(a, chunks, body, nullptr); });
     });
   });
 }

@@ -4,7 +4,8 @@
 //
 // A launch carries up to kMaxTensors tensors in one kernel argument (TensorListArgs:
 // pointers, sizes, noise bases and the first chunk of each tensor, under CUDA's 32 KB
-// argument limit on sm_70+ with CUDA >= 12.1). The tensors are cut into chunks of kChunk
+// argument limit on sm_70+ with CUDA >= 12.1). The packing of a step plan's lists is kept
+// across steps (LaunchCache): only the gradients' pointers are read again. The tensors are cut into chunks of kChunk
 // elements; block b of a grid of G blocks takes chunks b, b + G, ... (grid-stride) and finds
 // a chunk's tensor by binary search over the chunk starts. Thread x of a block takes the
 // quads (4 consecutive elements: one Philox block of noise) starting at begin + 4x,
@@ -18,6 +19,10 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <mutex>
+#include <optional>
+#include <unordered_map>
+#include <vector>
 
 #include "../bsam_math.h"
 
@@ -44,7 +49,8 @@ struct TensorListArgs {
 static_assert(sizeof(TensorListArgs<6>) <= 32764, "kernel argument exceeds CUDA's 32 KB limit");
 
 // Host: calls launch(args, chunks) for each group of at most kMaxTensors non-empty tensors
-// (empty ones are skipped: they own no chunk). bases: noise base per tensor, or nullptr.
+// (empty ones are skipped: they own no chunk), packed in one argument on the stack.
+// bases: noise base per tensor, or nullptr.
 template <int Depth, typename Launch>
 void for_each_launch(const std::array<at::TensorList, Depth>& lists, const int64_t* bases, const Launch& launch) {
   TensorListArgs<Depth> args;
@@ -70,6 +76,111 @@ void for_each_launch(const std::array<at::TensorList, Depth>& lists, const int64
   }
   flush();
 }
+
+// The same launches, packed to be kept: groups of at most kMaxTensors non-empty
+// tensors (empty ones own no chunk and are left out). `index` maps each packed tensor
+// back to its position in the lists, so that a column that changes between calls (the
+// gradients) is re-read without packing the others again.
+template <int Depth>
+struct PackedLaunches {
+  std::vector<TensorListArgs<Depth>> args;
+  std::vector<int64_t> chunks;
+  std::vector<std::vector<int32_t>> index;
+  size_t ntensors = 0;            // length of the lists packed
+  const void* first = nullptr;    // lists[0] front and back storage: a cheap check that a
+  const void* last = nullptr;     // kept packing is of the same lists
+
+  void refill(int column, at::TensorList list) {
+    for (size_t l = 0; l < args.size(); ++l) {
+      for (size_t j = 0; j < index[l].size(); ++j) args[l].ptr[column][j] = list[index[l][j]].data_ptr();
+    }
+  }
+};
+
+template <int Depth>
+PackedLaunches<Depth> pack_launches(const std::array<at::TensorList, Depth>& lists, const int64_t* bases) {
+  PackedLaunches<Depth> packed;
+  packed.ntensors = lists[0].size();
+  if (!lists[0].empty()) {
+    packed.first = lists[0].front().data_ptr();
+    packed.last = lists[0].back().data_ptr();
+  }
+  int n = 0;
+  int64_t chunks = 0;
+  auto flush = [&] {
+    if (n == 0) return;
+    packed.args.back().ntensors = n;
+    packed.args.back().chunk_start[n] = chunks;
+    packed.chunks.push_back(chunks);
+    n = 0;
+    chunks = 0;
+  };
+  for (size_t t = 0; t < lists[0].size(); ++t) {
+    const int64_t numel = lists[0][t].numel();
+    if (numel == 0) continue;
+    if (n == 0) {
+      packed.args.emplace_back();
+      packed.index.emplace_back();
+    }
+    TensorListArgs<Depth>& args = packed.args.back();
+    for (int d = 0; d < Depth; ++d) args.ptr[d][n] = lists[d][t].data_ptr();
+    args.numel[n] = numel;
+    args.base[n] = bases ? bases[t] : 0;
+    args.chunk_start[n] = chunks;
+    packed.index.back().push_back(static_cast<int32_t>(t));
+    chunks += (numel + kChunk - 1) / kChunk;
+    if (++n == kMaxTensors) flush();
+  }
+  flush();
+  return packed;
+}
+
+// Packings kept across calls, by a caller's key (a step plan's bucket, see
+// bsam_fast/plan.py): for one key the caller passes the same tensors and noise bases at
+// every call, except in the column it names as changing (the gradients; -1: none), which
+// is re-read. The packing is
+// made again if the lists' length or the storage of their first or last tensor differs (a
+// stale key), and all are dropped when kMaxKept are held. One cache per op and launch.
+template <int Depth>
+class LaunchCache {
+ public:
+  static constexpr size_t kMaxKept = 64;
+
+  // Calls launch(args, chunks) for each launch of `lists`, under the cache's lock (a kept
+  // packing is refilled in place; a kernel launch copies its argument).
+  template <typename Launch>
+  void run(std::optional<int64_t> key, const std::array<at::TensorList, Depth>& lists, const int64_t* bases,
+           int changing_column, const Launch& launch) {
+    if (!key) {
+      for_each_launch<Depth>(lists, bases, launch);
+      return;
+    }
+    const std::lock_guard<std::mutex> lock(mutex_);
+    auto it = kept_.find(*key);
+    if (it == kept_.end() || !same_lists(it->second, lists[0])) {
+      if (it == kept_.end() && kept_.size() >= kMaxKept) kept_.clear();
+      it = kept_.insert_or_assign(*key, pack_launches<Depth>(lists, bases)).first;
+    } else {
+      if (changing_column >= 0) it->second.refill(changing_column, lists[changing_column]);
+    }
+    const PackedLaunches<Depth>& packed = it->second;
+    for (size_t l = 0; l < packed.args.size(); ++l) launch(packed.args[l], packed.chunks[l]);
+  }
+
+  size_t size() {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    return kept_.size();
+  }
+
+ private:
+  static bool same_lists(const PackedLaunches<Depth>& packed, at::TensorList list) {
+    return packed.ntensors == list.size() &&
+           (list.empty() || (packed.first == list.front().data_ptr() && packed.last == list.back().data_ptr()));
+  }
+
+  std::mutex mutex_;
+  std::unordered_map<int64_t, PackedLaunches<Depth>> kept_;
+};
 
 // The tensor of a chunk (the last tensor whose first chunk is <= chunk) and the chunk's
 // element range [begin, end) in it.

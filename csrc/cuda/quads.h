@@ -20,6 +20,19 @@
 
 namespace bsam {
 
+// A one-element float32 or float64 tensor read by the kernel (lr, rho, a gradient factor),
+// so that a schedule writing it in place drives a captured graph and no conversion is
+// launched per call; ptr == nullptr: not given.
+struct ScalarRef {
+  const void* ptr = nullptr;
+  bool is_double = false;
+
+  BSAM_HD bool given() const { return ptr != nullptr; }
+  BSAM_HD double read() const {
+    return is_double ? *static_cast<const double*>(ptr) : static_cast<double>(*static_cast<const float*>(ptr));
+  }
+};
+
 // params (a!) := means + xi / sqrt(N * precisions); kLoadMean: means := params first.
 template <typename scalar_t, typename opmath_t, bool kLoadMean, bool kGivenNoise>
 struct SampleQuad {
@@ -66,11 +79,11 @@ struct PerturbQuad {
   static constexpr int kDepth = 5;  // params, grads, means, precisions, u_sums
   static constexpr bool kFlagsNonFinite = true;
   opmath_t rho, inv_scale;
-  const double* rho_ptr;        // rho as a device tensor, or nullptr
+  ScalarRef rho_ref;            // rho as a device tensor, or not given
   const float* inv_scale_ptr;   // a GradScaler's 1/scale, or nullptr (then inv_scale = 1)
 
   BSAM_HD void read_device_scalars() {
-    if (rho_ptr != nullptr) rho = static_cast<opmath_t>(*rho_ptr);
+    if (rho_ref.given()) rho = static_cast<opmath_t>(rho_ref.read());
     if (inv_scale_ptr != nullptr) inv_scale = static_cast<opmath_t>(*inv_scale_ptr);
   }
 
@@ -124,15 +137,15 @@ struct UpdateQuad {
   static constexpr bool kFlagsNonFinite = false;
   UpdateCoefficients<opmath_t> coef;
   opmath_t grad_factor, u_factor;
-  const double* grad_factor_ptr;  // 1/m times a GradScaler's 1/scale, or nullptr
-  const double* lr_ptr;           // lr as a device tensor, or nullptr
+  ScalarRef grad_factor_ref;      // 1/m times a GradScaler's 1/scale, or not given
+  ScalarRef lr_ref;               // lr as a device tensor, or not given
   const float* skip_ptr;          // skip the step where non-zero, or nullptr
   bool skip;
 
   BSAM_HD void read_device_scalars() {
     skip = skip_ptr != nullptr && *skip_ptr != 0.0f;
-    if (lr_ptr != nullptr) coef.lr = static_cast<opmath_t>(*lr_ptr);
-    if (grad_factor_ptr != nullptr) grad_factor = static_cast<opmath_t>(*grad_factor_ptr);
+    if (lr_ref.given()) coef.lr = static_cast<opmath_t>(lr_ref.read());
+    if (grad_factor_ref.given()) grad_factor = static_cast<opmath_t>(grad_factor_ref.read());
   }
 
   BSAM_HD bool operator()(const TensorListArgs<kDepth>& a, int t, int64_t i, int n) const {

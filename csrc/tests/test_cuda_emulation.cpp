@@ -203,13 +203,14 @@ void test_locate_and_vector_choice() {
 
 // ---------------------------------------------------------------------------- the ops
 using SampleOp = void(at::TensorList, at::TensorList, at::TensorList, at::IntArrayRef, double, int64_t, int64_t, bool,
-                      std::optional<at::TensorList>, const std::optional<at::Tensor>&);
+                      std::optional<at::TensorList>, const std::optional<at::Tensor>&, std::optional<int64_t>);
 using PerturbOp = void(at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList, double,
-                       const std::optional<at::Tensor>&, bool, const at::Tensor&, const std::optional<at::Tensor>&);
+                       const std::optional<at::Tensor>&, bool, const at::Tensor&, const std::optional<at::Tensor>&,
+                       std::optional<int64_t>);
 using CheckOp = void(at::TensorList, const at::Tensor&, std::optional<at::TensorList>);
 using UpdateOp = void(at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
                       const std::optional<at::Tensor>&, double, double, double, double, double, double, double, bool,
-                      const std::optional<at::Tensor>&, const std::optional<at::Tensor>&);
+                      const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, std::optional<int64_t>);
 using NormalOp = void(at::TensorList, at::IntArrayRef, int64_t, int64_t);
 
 constexpr int64_t kSeed = -2;  // 2^64 - 2 as a uint64: both key words non-zero
@@ -231,7 +232,7 @@ void test_sample(const Layout& layout, at::ScalarType dtype, int64_t grid) {
       auto p_cpu = clone(p0), w_cpu = load_mean ? canary_like(w0) : clone(w0);
       auto p_emu = load_mean ? clone(p0) : canary_like(p0), w_emu = load_mean ? canary_like(w0) : clone(w0);
       const std::optional<at::TensorList> noise = given ? std::optional<at::TensorList>(xi) : std::nullopt;
-      cpu.call(p_cpu, w_cpu, s, bases, 300.0, kSeed, kOffset, load_mean, noise, std::nullopt);
+      cpu.call(p_cpu, w_cpu, s, bases, 300.0, kSeed, kOffset, load_mean, noise, std::nullopt, std::nullopt);
       int launches = 0;
       bsam::launch_sample(EmulatedLaunch{grid, &launches}, p_emu, w_emu, s, bases, 300.0, kSeed, kOffset, load_mean,
                           noise, std::nullopt);
@@ -242,7 +243,7 @@ void test_sample(const Layout& layout, at::ScalarType dtype, int64_t grid) {
   // The device noise counter is read in place of `offset`.
   context = std::string("sample_ offset_tensor ") + layout.name + " " + c10::toString(dtype);
   auto p_cpu = clone(p0), w_cpu = clone(w0), p_emu = clone(p0), w_emu = clone(w0);
-  cpu.call(p_cpu, w_cpu, s, bases, 300.0, kSeed, kOffset, true, std::nullopt, std::nullopt);
+  cpu.call(p_cpu, w_cpu, s, bases, 300.0, kSeed, kOffset, true, std::nullopt, std::nullopt, std::nullopt);
   int launches = 0;
   bsam::launch_sample(EmulatedLaunch{grid, &launches}, p_emu, w_emu, s, bases, 300.0, kSeed, 0, true, std::nullopt,
                       at::full({1}, kOffset, at::kLong));
@@ -267,7 +268,7 @@ void test_perturb(const Layout& layout, at::ScalarType dtype, int64_t grid) {
       auto p_cpu = canary_like(p0), u_cpu = first ? canary_like(u0) : clone(u0);
       auto p_emu = canary_like(p0), u_emu = first ? canary_like(u0) : clone(u0);
       at::Tensor f_cpu = at::zeros({1}, at::kFloat), f_emu = at::zeros({1}, at::kFloat);
-      cpu.call(p_cpu, g, w, s, u_cpu, tensors ? 0.0 : 0.05, inv_scale, first, f_cpu, rho_t);
+      cpu.call(p_cpu, g, w, s, u_cpu, tensors ? 0.0 : 0.05, inv_scale, first, f_cpu, rho_t, std::nullopt);
       int launches = 0;
       bsam::launch_perturb(EmulatedLaunch{grid, &launches}, p_emu, g, w, s, u_emu, tensors ? 0.0 : 0.05, inv_scale,
                            first, f_emu, rho_t);
@@ -335,7 +336,7 @@ void test_update(const Layout& layout, at::ScalarType dtype, int64_t grid) {
         auto p_cpu = canary_like(p0), w_cpu = clone(w0), gm_cpu = clone(gm0), s_cpu = clone(s0);
         auto p_emu = canary_like(p0), w_emu = clone(w0), gm_emu = clone(gm0), s_emu = clone(s0);
         cpu.call(p_cpu, w_cpu, gm_cpu, s_cpu, g, u, factor_t, 0.5, 0.25, tensors ? 9.0 : 0.03, 0.9, 0.999, 1e-3,
-                 0.1, write_mean, lr_t, skip_t);
+                 0.1, write_mean, lr_t, skip_t, std::nullopt);
         int launches = 0;
         bsam::launch_update(EmulatedLaunch{grid, &launches}, p_emu, w_emu, gm_emu, s_emu, g, u, factor_t, 0.5, 0.25,
                             tensors ? 9.0 : 0.03, 0.9, 0.999, 1e-3, 0.1, write_mean, lr_t, skip_t);
@@ -347,6 +348,60 @@ void test_update(const Layout& layout, at::ScalarType dtype, int64_t grid) {
       }
     }
   }
+}
+
+// A plan's bucket over three steps (table_key given): the packed pointer tables are kept,
+// only the gradients are new tensors at every step; each step must equal the CPU kernels'
+// on the same inputs. Then the same key with other lists (a stale key): packed again.
+// lr and rho are float32 tensors here (read in place, as float64).
+void test_kept_tables(const Layout& layout, at::ScalarType dtype, int64_t grid) {
+  static int64_t next_key = 1000;
+  const int64_t key = next_key++;
+  auto perturb_cpu = op("bsam_fast::perturb_").typed<PerturbOp>();
+  auto update_cpu = op("bsam_fast::update_").typed<UpdateOp>();
+  auto sample_cpu = op("bsam_fast::sample_").typed<SampleOp>();
+  const auto op_t = opmath(dtype);
+  const auto bases = noise_bases(layout.sizes);
+  const at::Tensor lr = at::full({1}, 0.03f, at::kFloat), rho = at::full({1}, 0.07f, at::kFloat);
+  auto p_cpu = make_list(layout.sizes, dtype, layout.misaligned, 21), p_emu = clone(p_cpu);
+  auto w_cpu = make_list(layout.sizes, op_t, layout.misaligned, 22), w_emu = clone(w_cpu);
+  auto gm_cpu = make_list(layout.sizes, op_t, layout.misaligned, 23), gm_emu = clone(gm_cpu);
+  auto s_cpu = make_list(layout.sizes, op_t, layout.misaligned, 24, true), s_emu = clone(s_cpu);
+  auto u_cpu = canary_like(s_cpu), u_emu = canary_like(s_cpu);
+  const bool master = op_t != dtype;
+  for (int step = 0; step < 3; ++step) {
+    context = std::string("kept tables ") + layout.name + " " + c10::toString(dtype) + " step " +
+              std::to_string(step) + " grid " + std::to_string(grid);
+    int launches = 0;
+    const EmulatedLaunch launch{grid, &launches};
+    sample_cpu.call(p_cpu, w_cpu, s_cpu, bases, 300.0, kSeed, kOffset + step, !master, std::nullopt, std::nullopt,
+                    key);
+    bsam::launch_sample(launch, p_emu, w_emu, s_emu, bases, 300.0, kSeed, kOffset + step, !master, std::nullopt,
+                        std::nullopt, key);
+    EXPECT(bitwise_equal(p_cpu, p_emu) && bitwise_equal(w_cpu, w_emu));
+    const auto g_noisy = make_list(layout.sizes, dtype, layout.misaligned, 30 + step);  // new storage
+    at::Tensor f_cpu = at::zeros({1}, at::kFloat), f_emu = at::zeros({1}, at::kFloat);
+    perturb_cpu.call(p_cpu, g_noisy, w_cpu, s_cpu, u_cpu, 0.0, std::nullopt, true, f_cpu, rho, key);
+    bsam::launch_perturb(launch, p_emu, g_noisy, w_emu, s_emu, u_emu, 0.0, std::nullopt, true, f_emu, rho, key);
+    EXPECT(bitwise_equal(p_cpu, p_emu) && bitwise_equal(u_cpu, u_emu));
+    const auto g = make_list(layout.sizes, dtype, layout.misaligned, 40 + step);
+    update_cpu.call(p_cpu, w_cpu, gm_cpu, s_cpu, g, u_cpu, std::nullopt, 0.5, 1.0, 0.0, 0.9, 0.999, 1e-3, 0.1,
+                    master, lr, std::nullopt, key);
+    bsam::launch_update(launch, p_emu, w_emu, gm_emu, s_emu, g, u_emu, std::nullopt, 0.5, 1.0, 0.0, 0.9, 0.999,
+                        1e-3, 0.1, master, lr, std::nullopt, key);
+    EXPECT(bitwise_equal(p_cpu, p_emu) && bitwise_equal(w_cpu, w_emu));
+    EXPECT(bitwise_equal(gm_cpu, gm_emu) && bitwise_equal(s_cpu, s_emu));
+  }
+  context = std::string("stale key ") + layout.name + " " + c10::toString(dtype);
+  auto q_cpu = make_list(layout.sizes, dtype, layout.misaligned, 50), q_emu = clone(q_cpu);
+  auto v_cpu = canary_like(s_cpu), v_emu = canary_like(s_cpu);
+  const auto g = make_list(layout.sizes, dtype, layout.misaligned, 51);
+  at::Tensor f_cpu = at::zeros({1}, at::kFloat), f_emu = at::zeros({1}, at::kFloat);
+  perturb_cpu.call(q_cpu, g, w_cpu, s_cpu, v_cpu, 0.05, std::nullopt, true, f_cpu, std::nullopt, key);
+  int launches = 0;
+  bsam::launch_perturb(EmulatedLaunch{grid, &launches}, q_emu, g, w_emu, s_emu, v_emu, 0.05, std::nullopt, true,
+                       f_emu, std::nullopt, key);
+  EXPECT(bitwise_equal(q_cpu, q_emu) && bitwise_equal(v_cpu, v_emu));
 }
 
 void test_normal(const Layout& layout, int64_t grid) {
@@ -374,6 +429,7 @@ int main() {
         test_perturb(layout, dtype, grid);
         test_non_finite_in_tail(layout, dtype, grid);
         test_update(layout, dtype, grid);
+        test_kept_tables(layout, dtype, grid);
       }
       test_normal(layout, grid);
     }

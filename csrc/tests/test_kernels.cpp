@@ -60,11 +60,11 @@ void test_normal_statistics_and_layout() {
 void test_sample_and_update_values() {
   auto sample = op("bsam_fast::sample_").typed<void(at::TensorList, at::TensorList, at::TensorList, at::IntArrayRef,
                                                    double, int64_t, int64_t, bool, std::optional<at::TensorList>,
-                                                   const std::optional<at::Tensor>&)>();
+                                                   const std::optional<at::Tensor>&, std::optional<int64_t>)>();
   at::Tensor p = at::full({5}, 2.0, at::kDouble), w = at::empty({5}, at::kDouble);
   at::Tensor s = at::full({5}, 4.0, at::kDouble), xi = at::arange(5, at::kDouble);
   std::vector<at::Tensor> noise{xi};
-  sample.call({p}, {w}, {s}, {0}, 25.0, 0, 0, true, at::TensorList(noise), std::nullopt);
+  sample.call({p}, {w}, {s}, {0}, 25.0, 0, 0, true, at::TensorList(noise), std::nullopt, std::nullopt);
   for (int i = 0; i < 5; ++i) {
     EXPECT(w[i].item<double>() == 2.0);
     EXPECT(p[i].item<double>() == 2.0 + i / 10.0);  // sqrt(25 * 4) = 10
@@ -72,16 +72,17 @@ void test_sample_and_update_values() {
   auto update = op("bsam_fast::update_").typed<void(at::TensorList, at::TensorList, at::TensorList, at::TensorList,
                                                    at::TensorList, at::TensorList, const std::optional<at::Tensor>&,
                                                    double, double, double, double, double, double, double, bool,
-                                                   const std::optional<at::Tensor>&, const std::optional<at::Tensor>&)>();
+                                                   const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                                                   std::optional<int64_t>)>();
   at::Tensor gm = at::zeros({5}, at::kDouble), g = at::ones({5}, at::kDouble), u = at::full({5}, 3.0, at::kDouble);
   // A non-zero skip_if leaves the state alone and puts the mean back.
   at::Tensor gm0 = gm.clone();
   update.call({p}, {w}, {gm}, {s}, {g}, {u}, std::nullopt, 1.0, 1.0, 0.5, 0.9, 0.99, 0.0, 0.1, true,
-              std::nullopt, at::ones({1}, at::kFloat));
+              std::nullopt, at::ones({1}, at::kFloat), std::nullopt);
   EXPECT(at::equal(gm, gm0) && at::equal(p, w));
   // lr from a tensor (0.5) instead of the float argument (99).
   update.call({p}, {w}, {gm}, {s}, {g}, {u}, std::nullopt, 1.0, 1.0, 99.0, 0.9, 0.99, 0.0, 0.1, true,
-              at::full({1}, 0.5, at::kDouble), at::zeros({1}, at::kFloat));
+              at::full({1}, 0.5, at::kDouble), at::zeros({1}, at::kFloat), std::nullopt);
   const double gm_new = 0.1 * 1.0, w_new = 2.0 - 0.5 * gm_new / 4.0, s_new = 0.99 * 4.0 + 0.01 * (3.0 + 0.1);
   EXPECT(std::fabs(gm[0].item<double>() - gm_new) < 1e-15);
   EXPECT(std::fabs(w[0].item<double>() - w_new) < 1e-15 && p[0].item<double>() == w[0].item<double>());
