@@ -1,13 +1,21 @@
-"""Main job: Adam, SAM-Adam and bSAM on scikit-learn's digits, each with the
-hyperparameters the tuner selected for it on a validation split of digits' training set
-(``experiments/tuned_digits_mlp.json``, written by ``python -m bsam_fast.experiments tune
---dataset digits ...``; see the README), over several seeds; compared on accuracy, NLL,
-ECE, AUROC and time per step, and summed up in one line. Writes a reliability diagram.
+"""Main job: what the package is for, in three parts, in under two minutes on 2 CPU cores.
 
     python -m bsam_fast.demo [--seeds 0 1 2] [--backend auto] [--out results/demo]
 
-bSAM is reported for its posterior predictive (Bayesian model averaging over --samples
-posterior samples) and at its mean. Runs in under 2 minutes on 2 CPU cores.
+(a) **Exact.** The fused step (``backend="auto"``: the compiled kernels) against the
+    pure-PyTorch reference that replays the authors' code: the largest difference in the
+    parameters and the optimizer state after a few steps of an MLP on the same batches.
+(b) **Fast.** The optimizer's own work per step (``bench.py``'s method: medians of 20) of
+    the fused backend, the reference and AdamW (fused=True) on the parameter list of
+    ResNet-20 and on 400 tensors of 16 elements (the host overhead).
+(c) **Calibrated.** Adam, SAM-Adam and bSAM on scikit-learn's digits, each with the
+    hyperparameters the tuner selected for it on a validation split at the same budget
+    (``experiments/tuned_digits_mlp.json``, written by ``python -m bsam_fast.experiments
+    tune --dataset digits ...``; see the README), over several seeds: accuracy, NLL, ECE,
+    AUROC and time per step, bSAM for its posterior predictive (Bayesian model averaging
+    over --samples posterior samples) and at its mean; a reliability diagram.
+
+The last line sums the three up, from the numbers above it.
 """
 from __future__ import annotations
 
@@ -17,8 +25,9 @@ import os
 import time
 
 import torch
+import torch.nn.functional as F
 
-from . import metrics
+from . import BSAM, bench, metrics
 from .experiments import data
 from .experiments.models import make_model
 from .experiments.training import evaluate, train
@@ -61,6 +70,42 @@ def compare(ours: dict, theirs: dict) -> dict:
     return out
 
 
+def max_difference(backend: str, steps: int = 5, seed: int = 0) -> tuple[str, float, float]:
+    """(the backend "auto"-like name resolved, max |difference|, largest |value|) between
+    `backend` and the reference over the parameters and the optimizer state after `steps`
+    steps of step(closure) of the digits MLP on the same batches and noise."""
+    x, y = data.load("digits", "train")
+    x = x.flatten(1)
+    out = {}
+    for name in (backend, "reference"):
+        torch.manual_seed(seed)
+        model = make_model("mlp", in_features=x.shape[1])
+        opt = BSAM(model.parameters(), lr=0.05, num_data=len(x), rho=0.02, weight_decay=10 / len(x),
+                   backend=name, seed=seed)
+        for t in range(steps):
+            xb, yb = x[64 * t:64 * (t + 1)], y[64 * t:64 * (t + 1)]
+
+            def closure():
+                opt.zero_grad()
+                loss = F.cross_entropy(model(xb), yb)
+                loss.backward()
+                return loss
+            opt.step(closure)
+        values = [p.detach() for p in model.parameters()]
+        values += [v for p in model.parameters() for v in opt.state[p].values() if isinstance(v, torch.Tensor)]
+        out[name] = (opt.backend, values)
+    diff = max((a - b).abs().max().item() for a, b in zip(out[backend][1], out["reference"][1]))
+    scale = max(b.abs().max().item() for b in out["reference"][1])
+    return out[backend][0], diff, scale
+
+
+def speed_rows(backend: str, reps: int = 20) -> list[bench.Record]:
+    """bench.py's rows on the CPU for the ResNet-20 list (0.27M) and the host layout."""
+    backends = list(dict.fromkeys([backend, "reference"]))
+    return bench.run_ops(torch.device("cpu"), [273_258], ["resnet20", "host"], torch.float32, backends, reps,
+                         progress=False)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tuned", default=TUNED, help="tuned.json of the digits tuner")
@@ -71,12 +116,37 @@ def main(argv=None):
     ap.add_argument("--out", default=os.path.join("results", "demo"))
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
+    summary = []
+
+    print("(a) exact: the step against the pure-PyTorch reference (the authors' update), 5 steps of "
+          "the digits MLP, same batches and noise")
+    name, diff, scale = max_difference(args.backend)
+    print(f"    backend {name!r}: max |difference| over parameters and state {diff:.2e} (largest value "
+          f"{scale:.2f}; float32 round-off)")
+    summary.append(f"the {name!r} step equals the reference to {diff:.0e}")
+
+    print(f"\n(b) fast: the optimizer's work per step on this CPU ({bench.device_name(torch.device('cpu'))}), "
+          "median of 20")
+    records = speed_rows(name)
+    print(f"    {'parameters':<26}{'backend':<12}{'ms/step':>9}{'x AdamW(fused)':>16}")
+    for r in records:
+        what = "ResNet-20 list (86 tensors)" if r.layout == "resnet20" else f"{r.ntensors} tensors of 16"
+        if r.backend != "adamw_foreach":
+            print(f"    {what:<26}{r.backend:<12}{r.median_ms:>9.3f}{r.ratio_vs_adamw_fused:>16.2f}")
+    ours = [r for r in records if r.backend == name and r.layout == "resnet20"][0]
+    ref = [r for r in records if r.backend == "reference" and r.layout == "resnet20"][0]
+    summary.append(f"costs {ours.ratio_vs_adamw_fused:.1f}x AdamW(fused)'s step on ResNet-20's list "
+                   f"({ref.median_ms / ours.median_ms:.1f}x faster than the reference)")
+
     with open(args.tuned) as f:
         tuned = json.load(f)
     protocol = tuned["protocol"]
     epochs = args.epochs or protocol["epochs"]
     x_tr, y_tr = data.load("digits", "train")
     x_te, y_te = data.load("digits", "test")
+    print(f"\n(c) calibrated: digits, {len(x_tr)} train / {len(x_te)} test, MLP 64-500-300-10, {epochs} epochs, "
+          f"batch {protocol['batch']}, seeds {args.seeds}; each method's hyperparameters tuned on a "
+          f"{protocol['val_fraction']:.0%} validation split at this budget ({os.path.basename(args.tuned)})")
     runs = {}                                    # row name -> metric -> per-seed values
     probs, ms = {}, {}
     for method, label in METHODS.items():
@@ -89,37 +159,35 @@ def main(argv=None):
             res = evaluate(trained, method, x_te, y_te, samples=args.samples, seed=seed)
             rows = {label: res["pred"]}
             if method == "bsam":
-                label = f"bSAM [{trained.opt.backend}] BMA S={args.samples}"
-                rows = {label: res["pred"], f"bSAM [{trained.opt.backend}] at mean": res["mean"]}
-            for name, r in rows.items():
+                label = f"bSAM BMA S={args.samples}"
+                rows = {label: res["pred"], "bSAM at mean": res["mean"]}
+            for row, r in rows.items():
                 for k in KEYS:
-                    runs.setdefault(name, {}).setdefault(k, []).append(r[k])
-                ms.setdefault(name, []).append(trained.ms_per_step)
+                    runs.setdefault(row, {}).setdefault(k, []).append(r[k])
+                ms.setdefault(row, []).append(trained.ms_per_step)
                 if seed == args.seeds[0]:
-                    probs[name] = r["probs"]
-    print(f"digits: {len(x_tr)} train / {len(x_te)} test, MLP 64-500-300-10, {epochs} epochs, "
-          f"batch {protocol['batch']}, seeds {args.seeds}; hyperparameters tuned on a "
-          f"{protocol['val_fraction']:.0%} validation split ({os.path.basename(args.tuned)})")
-    print(f"{'method':<28}" + "".join(f"{k:>17}" for k in ("accuracy", "NLL", "ECE", "AUROC")) + f"{'ms/step':>9}")
-    for name, r in runs.items():
+                    probs[row] = r["probs"]
+    print(f"    {'method':<20}" + "".join(f"{k:>17}" for k in ("accuracy", "NLL", "ECE", "AUROC")) + f"{'ms/step':>9}")
+    for row, r in runs.items():
         cells = "".join(f"{torch.tensor(r[k]).mean():>10.4f} ± {torch.tensor(r[k]).std() if len(r[k]) > 1 else 0:.4f}"
                         for k in KEYS)
-        print(f"{name:<28}{cells}{sum(ms[name]) / len(ms[name]):>9.2f}")
+        print(f"    {row:<20}{cells}{sum(ms[row]) / len(ms[row]):>9.2f}")
     bsam = next(n for n in runs if "BMA" in n)
     verdicts = {}
     if len(args.seeds) > 1:
         verdicts = {other: compare(runs[bsam], runs[other]) for other in ("Adam", "SAM-Adam")}
-        summary = "; ".join(f"vs {other}: " + ", ".join(f"{k} {v}" for k, v in vs.items())
-                            for other, vs in verdicts.items())
-        print(f"In one line: bSAM's posterior predictive {summary} (equal: the means differ by "
-              f"no more than the sum of the two stds over {len(args.seeds)} seeds).")
+        summary.append("its posterior predictive on digits, " + "; ".join(
+            f"vs {other}: " + ", ".join(f"{k} {v}" for k, v in vs.items()) for other, vs in verdicts.items())
+            + f" (equal: the means differ by no more than the sum of the two stds over {len(args.seeds)} seeds)")
     else:
-        print("In one line: one seed gives no spread, so no verdict (use --seeds with two or more).")
+        summary.append("one seed gives no spread, so no verdict on digits (use --seeds with two or more)")
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "reliability.png")
     metrics.reliability_diagram(probs, y_te, path)
-    print(f"reliability diagram: {path}; total {time.perf_counter() - t_start:.0f} s")
-    return {"runs": runs, "verdicts": verdicts}
+    print(f"    reliability diagram: {path}")
+    print(f"\nIn one line: bSAM {summary[0]}, {summary[1]}, and {summary[2]}. "
+          f"[{time.perf_counter() - t_start:.0f} s]")
+    return {"runs": runs, "verdicts": verdicts, "max_difference": diff, "speed": records}
 
 
 if __name__ == "__main__":

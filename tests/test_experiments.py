@@ -168,8 +168,12 @@ def test_missing_cifar_names_the_folder(tmp_path):
 def test_demo_prints_the_table_and_one_line(tmp_path, capsys):
     out = demo.main(["--epochs", "1", "--samples", "2", "--seeds", "0", "1", "--out", str(tmp_path)])
     printed = capsys.readouterr().out
+    assert "(a) exact" in printed and "(b) fast" in printed and "(c) calibrated" in printed
     assert "SAM-Adam" in printed and "bSAM" in printed and "ECE" in printed and " ± " in printed
-    assert "In one line: bSAM's posterior predictive vs Adam:" in printed
+    assert "In one line: bSAM the " in printed and "its posterior predictive on digits, vs Adam:" in printed
+    assert out["max_difference"] < 1e-4               # float32 round-off, not another update
+    rows = {(r.layout, r.backend) for r in out["speed"]}
+    assert {("resnet20", "reference"), ("resnet20", "adamw_fused"), ("host", "adamw_fused")} <= rows
     assert len(out["runs"]) == 4 and (tmp_path / "reliability.png").exists()
     assert set(out["verdicts"]) == {"Adam", "SAM-Adam"}
     assert all(v in ("better", "equal", "worse") for vs in out["verdicts"].values() for v in vs.values())
