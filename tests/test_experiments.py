@@ -238,3 +238,59 @@ def test_table_with_tuned_takes_the_tuners_budget_and_refuses_overrides(tmp_path
     assert (args["epochs"], args["batch"], args["warmup_epochs"]) == (1, 32, 0.0)
     with pytest.raises(SystemExit, match="--lr"):
         experiments.main(["table", "--dataset", "digits", "--tuned", str(path), "--lr", "0.1", "--out", str(tmp_path)])
+
+
+def _synthetic_cifar10(root, per_batch=8, seed=0):
+    """A stand-in of CIFAR-10's python-pickle folder: five training batches and a test batch
+    of random images, in the format of the real files."""
+    import pickle
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+                 b"labels": [int(v) for v in rng.integers(0, 10, per_batch)]}
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f)
+    return root
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_the_cifar10_resnet20_commands_run_on_a_synthetic_folder(tmp_path, augment):
+    """The README's CIFAR-10 / ResNet-20-FRN commands (the paper's Tables 1 and 2), on a tiny
+    stand-in folder: tune, then the table from its selections."""
+    root = _synthetic_cifar10(tmp_path / "data")
+    out = tmp_path / "out"
+    flags = ["--dataset", "cifar10", "--data-root", str(root), "--model", "resnet20_frn", "--out", str(out),
+             "--epochs", "1", "--batch", "8", "--warmup-epochs", "0", "--no-progress"] + (["--augment"] if augment else [])
+    experiments.main(["tune", *flags, "--methods", "bsam", "--quick", "--val-fraction", "0.2", "--samples", "2"])
+    tuned = json.loads((out / "tuned.json").read_text())
+    assert tuned["protocol"].get("augment", False) == augment
+    experiments.main(["table", *[f for f in flags if f not in ("--epochs", "1", "--batch", "8", "--warmup-epochs", "0")],
+                      "--tuned", str(out / "tuned.json"), "--methods", "bsam", "--seeds", "0", "1", "--samples", "2",
+                      "--sample-counts"])
+    results = json.loads((out / "results.json").read_text())
+    assert results["args"]["augment"] == augment and results["train_examples"] == 40
+    assert results["results"]["bsam"]["pred"]["accuracy"]["mean"] >= 0
+    specs = [json.loads(p.read_text())["spec"] for p in (out / "runs").glob("bsam-*.json")]
+    assert all(s.get("data_factor") == (4.0 if augment else None) for s in specs)
+
+
+def test_augmentation_crops_and_flips_and_scales_n():
+    import torch
+    from bsam_fast.experiments import training
+    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(training.augmented(x, g, pad=0)[0], x[0]) or torch.equal(
+        training.augmented(x, torch.Generator().manual_seed(0), pad=0)[0], x[0].flip(-1))
+    out = training.augmented(x, torch.Generator().manual_seed(1), pad=2)
+    assert out.shape == x.shape
+    for img, src in zip(out, x):        # a window of the zero-padded image, maybe mirrored
+        padded = torch.nn.functional.pad(src, (2, 2, 2, 2))
+        windows = [padded[:, i:i + 4, j:j + 4] for i in range(5) for j in range(5)]
+        assert any(torch.equal(img, w) or torch.equal(img, w.flip(-1)) for w in windows)
+    cfg = training.Config(method="bsam", epochs=1, batch=4, augment=True, data_factor=4.0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 3))
+    trained = training.train(model, cfg, torch.randn(8, 3, 4, 4), torch.randint(0, 3, (8,)))
+    assert trained.opt.param_groups[0]["num_data"] == 32

@@ -238,6 +238,11 @@ def main(argv=None):
                            help="posterior samples in the predictive of bSAM, IVON and SWAG (default "
                                 "32; tune: 8)")
     data_args.add_argument("--train-subset", type=int, default=0, help="use only the first N training examples")
+    data_args.add_argument("--augment", action="store_true",
+                           help="random crops and horizontal flips of each batch (CIFAR, the paper's Table 2); "
+                                "N is multiplied by --data-factor")
+    data_args.add_argument("--data-factor", type=float, default=None,
+                           help="with --augment: N = this x the training examples (default 4, the authors' dafactor)")
     data_args.add_argument("--warmup-epochs", type=float, default=None,
                            help="linear warm-up, then cosine; default 1 (table --tuned: the tuner's)")
     all_methods = list(METHODS + ABLATIONS)

@@ -60,6 +60,8 @@ class Config:
     backend: str = "auto"
     warmup_epochs: float = 0.0
     hparams: dict = field(default_factory=dict)
+    augment: bool = False           # random crops and flips of each batch (images)
+    data_factor: float = 1.0        # N = data_factor x the examples (the authors' dafactor)
 
     def hp(self) -> dict:
         return {**DEFAULTS[self.method], **self.hparams}
@@ -112,7 +114,7 @@ def train(model: nn.Module, cfg: Config, x: Tensor, y: Tensor, progress: bool = 
     ``on_epoch(epoch, model)``, if given, is called after every epoch (untimed)."""
     torch.manual_seed(cfg.seed)
     n = len(x)
-    opt = make_optimizer(cfg, model, n)
+    opt = make_optimizer(cfg, model, n * cfg.data_factor)
     hp = cfg.hp()
     steps_per_epoch = n // cfg.batch
     if steps_per_epoch == 0:
@@ -129,6 +131,7 @@ def train(model: nn.Module, cfg: Config, x: Tensor, y: Tensor, progress: bool = 
         schedule = lambda s: lr_factor(s, total, warmup)  # noqa: E731
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     g = torch.Generator().manual_seed(cfg.seed)
+    g_augment = torch.Generator().manual_seed(cfg.seed + 1)     # (the batches stay those of g)
     bar = _progress_bar(progress, total, desc or cfg.method)
     model.train()
     elapsed, step = 0.0, 0
@@ -138,7 +141,8 @@ def train(model: nn.Module, cfg: Config, x: Tensor, y: Tensor, progress: bool = 
         for i in range(steps_per_epoch):
             idx = perm[i * cfg.batch:(i + 1) * cfg.batch]
             t0 = time.perf_counter()
-            _one_step(cfg, model, opt, split_batch(x[idx], y[idx], m=cfg.m))
+            xb = augmented(x[idx], g_augment) if cfg.augment else x[idx]
+            _one_step(cfg, model, opt, split_batch(xb, y[idx], m=cfg.m))
             if step >= untimed:
                 elapsed += time.perf_counter() - t0
             step += 1
@@ -162,6 +166,28 @@ def train(model: nn.Module, cfg: Config, x: Tensor, y: Tensor, progress: bool = 
     if cfg.method == "laplace":
         posterior = bayes_baselines.fit_laplace(model, x, y)
     return Trained(model, opt, 1e3 * elapsed / max(1, step - untimed), posterior)
+
+
+def augmentation(augment: bool, data_factor: Optional[float]) -> dict:
+    """--augment's settings for a Config and a run's spec; nothing without it (so that the
+    specs, and the keys of finished runs, of unaugmented runs stay as they were)."""
+    if not augment:
+        return {}
+    return {"augment": True, "data_factor": 4.0 if data_factor is None else float(data_factor)}
+
+
+def augmented(x: Tensor, g: torch.Generator, pad: int = 4) -> Tensor:
+    """The standard CIFAR augmentation of a batch of images (N, C, H, W): a random crop of
+    the image zero-padded by `pad` on each side, then a horizontal flip with probability 1/2."""
+    n, c, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad))
+    top = torch.randint(0, 2 * pad + 1, (n,), generator=g)
+    left = torch.randint(0, 2 * pad + 1, (n,), generator=g)
+    flip = torch.rand(n, generator=g) < 0.5
+    rows = (top[:, None] + torch.arange(h))[:, None, :, None]
+    cols = (left[:, None] + torch.arange(w))
+    cols = torch.where(flip[:, None], cols.flip(1), cols)[:, None, None, :]
+    return padded[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
 
 
 def time_steps(model: nn.Module, cfg: Config, x: Tensor, y: Tensor, steps: int = 6) -> float:
