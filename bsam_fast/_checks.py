@@ -245,7 +245,7 @@ def check_state_dict(state_dict: dict, params: list[Tensor]) -> None:
     if not isinstance(noise, dict) or not {"seed", "offset"} <= set(noise):
         raise ValueError("state_dict['noise'] must be a dict with 'seed' and 'offset'")
     seed, offset = noise["seed"], noise["offset"]
-    if not isinstance(seed, int) or not 0 <= seed < 2 ** 64:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 64:
         raise ValueError(f"state_dict noise seed {seed!r} must be an int in [0, 2**64)")
     if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset < 2 ** 63:
         raise ValueError(f"state_dict noise offset {offset!r} must be an int in [0, 2**63)")

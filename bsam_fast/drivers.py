@@ -40,15 +40,15 @@ def closure_step(opt, closure: Callable[[], Tensor], noise: Optional[Sequence[Te
     return loss
 
 
-def parts_step(opt, closure: Callable[[int], Tensor], m: int, noise: Optional[Sequence[Sequence[Tensor]]],
-               finish: Callable[[], None]):
+def parts_step(opt, st: StepState, closure: Callable[[int], Tensor], m: int,
+               noise: Optional[Sequence[Sequence[Tensor]]], finish: Callable[[], None]):
     """One step of m parts (``closure(k)``: part k's loss and backward); returns the mean
     of the losses at the perturbed points, or None if a closure returned no tensor."""
     if isinstance(m, bool) or not isinstance(m, int) or m < 1:
         raise ValueError(f"Invalid m: {m!r} (must be an integer >= 1)")
     if noise is not None and len(noise) != m:
         raise ValueError(f"noise: expected one list per part (m={m}), got {len(noise)}")
-    if opt.in_step:
+    if st.in_step:
         raise RuntimeError("step_parts() called inside a step begun with sample_noise()")
     losses = []
     try:
@@ -57,10 +57,9 @@ def parts_step(opt, closure: Callable[[int], Tensor], m: int, noise: Optional[Se
             with torch.enable_grad():
                 closure(k)
             opt.perturb()
-            # From part 2 on, .grad holds the earlier parts' perturbed gradients (only for
-            # the step's active parameters): the closure's backward adds onto them.
-            active = [[p for p in g["params"] if p.grad is not None] for g in opt.param_groups]
-            losses.append(gradients.run_onto_sum(active, lambda: closure(k)))
+            # From part 2 on, .grad of the step's active parameters holds the earlier parts'
+            # perturbed gradients: the closure's backward adds onto them.
+            losses.append(gradients.run_onto_sum(st.active, lambda: closure(k)))
     except BaseException:
         opt.cancel_step()
         raise

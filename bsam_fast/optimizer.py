@@ -321,7 +321,7 @@ class BSAM(Optimizer):
         mean of the m perturbed gradients and of the m values sqrt(s)*|g_k|. Returns the
         mean of the losses at the perturbed points.
         """
-        return drivers.parts_step(self, closure, m, noise, self._finish)
+        return drivers.parts_step(self, self._state, closure, m, noise, self._finish)
 
     # ------------------------------------------------------------------ gradients
     def _drop_stale_gradients(self) -> None:

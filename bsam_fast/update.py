@@ -157,6 +157,7 @@ def finish(backend: Backend, st: StepState, grads, optimizer, *, max_grad_norm: 
     clip = None
     if max_grad_norm is not None and any(g for group_grads in grads for g in group_grads):
         clip = phases.clip_coefficient(grads, st.parts, inv_scale, max_grad_norm)
+    report = None
     if backend.device_side:
         # (Under capturable=True nothing is watched: a graph replays the step, and an
         # event queried inside a capture would break it.)
@@ -167,8 +168,10 @@ def finish(backend: Backend, st: StepState, grads, optimizer, *, max_grad_norm: 
         if bad is not None and not scaled:
             # A non-finite noisy gradient makes the perturbed point, and so the perturbed
             # gradient, non-finite too: the first one is named.
-            warn_skipped(bad, st.skipped_steps)
+            report = (bad, st.skipped_steps)
     st.begin()
+    if report is not None:
+        warn_skipped(*report)
 
 
 def report_device_skip(st: StepState) -> None:

@@ -12,7 +12,8 @@
 // read them: no conversion per call), a GradScaler's 1/scale and the skip flag as float32.
 //
 // table_key (sample_, perturb_, update_): the step plan's key of the bucket; its packed
-// launches are kept (LaunchCache) and only the gradients' pointers are read again.
+// launches are kept (LaunchCache), checked against the lists of each call, and only the
+// gradients' pointers written in.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -33,9 +34,23 @@ void with_flag(bool flag, const Fn& fn) {
   if (flag) fn(std::true_type{}); else fn(std::false_type{});
 }
 
-// A pointer to the value of an optional one-element tensor as `dtype` (converted into
-// `holder` when needed; a tensor already of that dtype is read in place, so a CUDA graph
-// sees later writes to it), or nullptr.
+// The packings kept for each op (multi_tensor.h), one cache per op and kind of launch.
+template <typename Launch>
+LaunchCache<4>& sample_cache() {
+  static LaunchCache<4> cache;
+  return cache;
+}
+template <typename Launch>
+LaunchCache<5>& perturb_cache() {
+  static LaunchCache<5> cache;
+  return cache;
+}
+template <typename Launch>
+LaunchCache<6>& update_cache() {
+  static LaunchCache<6> cache;
+  return cache;
+}
+
 // A ScalarRef to an optional one-element tensor: float32 and float64 are read in place;
 // another floating dtype is converted into `holder` (a copy: a graph would not see writes).
 inline ScalarRef scalar_ref(const std::optional<at::Tensor>& t, at::Tensor& holder) {
@@ -46,6 +61,9 @@ inline ScalarRef scalar_ref(const std::optional<at::Tensor>& t, at::Tensor& hold
   return {src.data_ptr(), src.scalar_type() == at::kDouble};
 }
 
+// A pointer to the value of an optional one-element tensor as `dtype` (converted into
+// `holder` when needed; a tensor already of that dtype is read in place, so a CUDA graph
+// sees later writes to it), or nullptr.
 template <typename T>
 const T* scalar_ptr_or_null(const std::optional<at::Tensor>& t, at::ScalarType dtype, at::Tensor& holder) {
   if (!t) return nullptr;
@@ -58,7 +76,7 @@ void launch_sample(const Launch& launch, at::TensorList params, at::TensorList m
                    at::IntArrayRef bases, double num_data, int64_t seed, int64_t offset, bool load_mean,
                    const std::optional<at::TensorList>& noise, const std::optional<at::Tensor>& offset_tensor,
                    std::optional<int64_t> table_key = std::nullopt) {
-  static LaunchCache<4> cache;
+  LaunchCache<4>& cache = sample_cache<Launch>();
   const int64_t* offset_ptr = offset_tensor ? offset_tensor->data_ptr<int64_t>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "bsam_sample_cuda", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
@@ -80,7 +98,7 @@ void launch_perturb(const Launch& launch, at::TensorList params, at::TensorList 
                     at::TensorList precisions, at::TensorList u_sums, double rho,
                     const std::optional<at::Tensor>& inv_scale, bool first_part, const at::Tensor& found_inf,
                     const std::optional<at::Tensor>& rho_tensor, std::optional<int64_t> table_key = std::nullopt) {
-  static LaunchCache<5> cache;
+  LaunchCache<5>& cache = perturb_cache<Launch>();
   at::Tensor inv_holder, rho_holder;
   const float* inv_ptr = scalar_ptr_or_null<float>(inv_scale, at::kFloat, inv_holder);
   const ScalarRef rho_ref = scalar_ref(rho_tensor, rho_holder);
@@ -113,7 +131,7 @@ void launch_update(const Launch& launch, at::TensorList params, at::TensorList m
                    double lr, double beta1, double beta2, double weight_decay, double damping, bool write_mean,
                    const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& skip_if,
                    std::optional<int64_t> table_key = std::nullopt) {
-  static LaunchCache<6> cache;
+  LaunchCache<6>& cache = update_cache<Launch>();
   at::Tensor factor_holder, lr_holder, skip_holder;
   const ScalarRef factor_ref = scalar_ref(grad_factor_tensor, factor_holder);
   const ScalarRef lr_ref = scalar_ref(lr_tensor, lr_holder);

@@ -5,7 +5,8 @@
 // A launch carries up to kMaxTensors tensors in one kernel argument (TensorListArgs:
 // pointers, sizes, noise bases and the first chunk of each tensor, under CUDA's 32 KB
 // argument limit on sm_70+ with CUDA >= 12.1). The packing of a step plan's lists is kept
-// across steps (LaunchCache): only the gradients' pointers are read again. The tensors are cut into chunks of kChunk
+// across steps (LaunchCache): a call compares its lists with it and writes in only the
+// gradients' pointers. The tensors are cut into chunks of kChunk
 // elements; block b of a grid of G blocks takes chunks b, b + G, ... (grid-stride) and finds
 // a chunk's tensor by binary search over the chunk starts. Thread x of a block takes the
 // quads (4 consecutive elements: one Philox block of noise) starting at begin + 4x,
@@ -77,34 +78,44 @@ void for_each_launch(const std::array<at::TensorList, Depth>& lists, const int64
   flush();
 }
 
-// The same launches, packed to be kept: groups of at most kMaxTensors non-empty
-// tensors (empty ones own no chunk and are left out). `index` maps each packed tensor
-// back to its position in the lists, so that a column that changes between calls (the
-// gradients) is re-read without packing the others again.
+// The same launches, packed to be kept: `index` maps each packed tensor back to its
+// position in the lists, so that a later call can compare its lists with the packing and
+// re-read the one column that changes between calls (the gradients).
 template <int Depth>
 struct PackedLaunches {
   std::vector<TensorListArgs<Depth>> args;
   std::vector<int64_t> chunks;
   std::vector<std::vector<int32_t>> index;
-  size_t ntensors = 0;            // length of the lists packed
-  const void* first = nullptr;    // lists[0] front and back storage: a cheap check that a
-  const void* last = nullptr;     // kept packing is of the same lists
+  std::vector<int64_t> numel;     // of every tensor of the lists, empty ones too
+  uint64_t last_use = 0;
 
-  void refill(int column, at::TensorList list) {
-    for (size_t l = 0; l < args.size(); ++l) {
-      for (size_t j = 0; j < index[l].size(); ++j) args[l].ptr[column][j] = list[index[l][j]].data_ptr();
+  // True if `lists` are the packed tensors (same sizes, same storage in every column but
+  // `changing`); then the `changing` column's pointers are written in. One pass, no
+  // allocation: the per-call cost of a kept packing.
+  bool matches_and_refill(const std::array<at::TensorList, Depth>& lists, int changing) {
+    if (lists[0].size() != numel.size()) return false;
+    for (size_t t = 0; t < numel.size(); ++t) {
+      if (lists[0][t].numel() != numel[t]) return false;
     }
+    for (size_t l = 0; l < args.size(); ++l) {
+      for (size_t j = 0; j < index[l].size(); ++j) {
+        for (int d = 0; d < Depth; ++d) {
+          void* ptr = lists[d][index[l][j]].data_ptr();
+          if (d == changing) {
+            args[l].ptr[d][j] = ptr;
+          } else if (args[l].ptr[d][j] != ptr) {
+            return false;
+          }
+        }
+      }
+    }
+    return true;
   }
 };
 
 template <int Depth>
 PackedLaunches<Depth> pack_launches(const std::array<at::TensorList, Depth>& lists, const int64_t* bases) {
   PackedLaunches<Depth> packed;
-  packed.ntensors = lists[0].size();
-  if (!lists[0].empty()) {
-    packed.first = lists[0].front().data_ptr();
-    packed.last = lists[0].back().data_ptr();
-  }
   int n = 0;
   int64_t chunks = 0;
   auto flush = [&] {
@@ -117,6 +128,7 @@ PackedLaunches<Depth> pack_launches(const std::array<at::TensorList, Depth>& lis
   };
   for (size_t t = 0; t < lists[0].size(); ++t) {
     const int64_t numel = lists[0][t].numel();
+    packed.numel.push_back(numel);
     if (numel == 0) continue;
     if (n == 0) {
       packed.args.emplace_back();
@@ -136,11 +148,11 @@ PackedLaunches<Depth> pack_launches(const std::array<at::TensorList, Depth>& lis
 }
 
 // Packings kept across calls, by a caller's key (a step plan's bucket, see
-// bsam_fast/plan.py): for one key the caller passes the same tensors and noise bases at
-// every call, except in the column it names as changing (the gradients; -1: none), which
-// is re-read. The packing is
-// made again if the lists' length or the storage of their first or last tensor differs (a
-// stale key), and all are dropped when kMaxKept are held. One cache per op and launch.
+// bsam_fast/plan.py). Each call checks that its lists are the packed tensors (sizes and
+// the storage of every column but the changing one: the gradients, or -1 for none) and
+// packs them again if not, so a key is a hint, never a promise that could go stale; the
+// noise bases are the caller's to keep fixed per key. At most kMaxKept packings are held,
+// the least recently used dropped first. One cache per op and launch.
 template <int Depth>
 class LaunchCache {
  public:
@@ -157,29 +169,31 @@ class LaunchCache {
     }
     const std::lock_guard<std::mutex> lock(mutex_);
     auto it = kept_.find(*key);
-    if (it == kept_.end() || !same_lists(it->second, lists[0])) {
-      if (it == kept_.end() && kept_.size() >= kMaxKept) kept_.clear();
+    if (it == kept_.end() || !it->second.matches_and_refill(lists, changing_column)) {
+      if (it == kept_.end() && kept_.size() >= kMaxKept) {
+        kept_.erase(std::min_element(kept_.begin(), kept_.end(), [](const auto& a, const auto& b) {
+          return a.second.last_use < b.second.last_use;
+        }));
+      }
       it = kept_.insert_or_assign(*key, pack_launches<Depth>(lists, bases)).first;
-    } else {
-      if (changing_column >= 0) it->second.refill(changing_column, lists[changing_column]);
+      ++packings_;
     }
+    it->second.last_use = ++clock_;
     const PackedLaunches<Depth>& packed = it->second;
     for (size_t l = 0; l < packed.args.size(); ++l) launch(packed.args[l], packed.chunks[l]);
   }
 
-  size_t size() {
+  // How many packings were made (the tests: a kept one is reused, a changed list repacked).
+  uint64_t packings() {
     const std::lock_guard<std::mutex> lock(mutex_);
-    return kept_.size();
+    return packings_;
   }
 
  private:
-  static bool same_lists(const PackedLaunches<Depth>& packed, at::TensorList list) {
-    return packed.ntensors == list.size() &&
-           (list.empty() || (packed.first == list.front().data_ptr() && packed.last == list.back().data_ptr()));
-  }
-
   std::mutex mutex_;
   std::unordered_map<int64_t, PackedLaunches<Depth>> kept_;
+  uint64_t clock_ = 0;
+  uint64_t packings_ = 0;
 };
 
 // The tensor of a chunk (the last tensor whose first chunk is <= chunk) and the chunk's

@@ -350,10 +350,11 @@ void test_update(const Layout& layout, at::ScalarType dtype, int64_t grid) {
   }
 }
 
-// A plan's bucket over three steps (table_key given): the packed pointer tables are kept,
-// only the gradients are new tensors at every step; each step must equal the CPU kernels'
-// on the same inputs. Then the same key with other lists (a stale key): packed again.
-// lr and rho are float32 tensors here (read in place, as float64).
+// A plan's bucket over three steps (table_key given): the packed pointer tables are kept
+// (packed once per op), only the gradients are new tensors at every step; each step must
+// equal the CPU kernels' on the same inputs. Then the same key with other lists: new
+// params, and (params kept) new means: packed again, and still equal. lr and rho are
+// float32 tensors here (read in place, as float64).
 void test_kept_tables(const Layout& layout, at::ScalarType dtype, int64_t grid) {
   static int64_t next_key = 1000;
   const int64_t key = next_key++;
@@ -369,6 +370,9 @@ void test_kept_tables(const Layout& layout, at::ScalarType dtype, int64_t grid) 
   auto s_cpu = make_list(layout.sizes, op_t, layout.misaligned, 24, true), s_emu = clone(s_cpu);
   auto u_cpu = canary_like(s_cpu), u_emu = canary_like(s_cpu);
   const bool master = op_t != dtype;
+  auto& perturbs = bsam::perturb_cache<EmulatedLaunch>();
+  auto& updates = bsam::update_cache<EmulatedLaunch>();
+  const uint64_t perturb_packings = perturbs.packings(), update_packings = updates.packings();
   for (int step = 0; step < 3; ++step) {
     context = std::string("kept tables ") + layout.name + " " + c10::toString(dtype) + " step " +
               std::to_string(step) + " grid " + std::to_string(grid);
@@ -392,6 +396,7 @@ void test_kept_tables(const Layout& layout, at::ScalarType dtype, int64_t grid) 
     EXPECT(bitwise_equal(p_cpu, p_emu) && bitwise_equal(w_cpu, w_emu));
     EXPECT(bitwise_equal(gm_cpu, gm_emu) && bitwise_equal(s_cpu, s_emu));
   }
+  EXPECT(perturbs.packings() == perturb_packings + 1 && updates.packings() == update_packings + 1);
   context = std::string("stale key ") + layout.name + " " + c10::toString(dtype);
   auto q_cpu = make_list(layout.sizes, dtype, layout.misaligned, 50), q_emu = clone(q_cpu);
   auto v_cpu = canary_like(s_cpu), v_emu = canary_like(s_cpu);
@@ -402,6 +407,14 @@ void test_kept_tables(const Layout& layout, at::ScalarType dtype, int64_t grid) 
   bsam::launch_perturb(EmulatedLaunch{grid, &launches}, q_emu, g, w_emu, s_emu, v_emu, 0.05, std::nullopt, true,
                        f_emu, std::nullopt, key);
   EXPECT(bitwise_equal(q_cpu, q_emu) && bitwise_equal(v_cpu, v_emu));
+  // The same params, another means column (storage swapped under a kept key).
+  context = std::string("swapped means ") + layout.name + " " + c10::toString(dtype);
+  const auto w2 = make_list(layout.sizes, op_t, layout.misaligned, 52);
+  auto v2_cpu = canary_like(s_cpu), v2_emu = canary_like(s_cpu);
+  perturb_cpu.call(q_cpu, g, w2, s_cpu, v2_cpu, 0.05, std::nullopt, true, f_cpu, std::nullopt, key);
+  bsam::launch_perturb(EmulatedLaunch{grid, &launches}, q_emu, g, w2, s_emu, v2_emu, 0.05, std::nullopt, true,
+                       f_emu, std::nullopt, key);
+  EXPECT(bitwise_equal(q_cpu, q_emu) && bitwise_equal(v2_cpu, v2_emu));
 }
 
 void test_normal(const Layout& layout, int64_t grid) {
