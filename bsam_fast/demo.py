@@ -20,7 +20,9 @@ The last line sums the three up, from the numbers above it.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
+import multiprocessing
 import os
 import time
 
@@ -113,6 +115,20 @@ def speed_rows(backend: str, reps: int = 20) -> list[bench.Record]:
         torch.set_num_threads(threads)
 
 
+def _digits_run(job) -> tuple[dict, float]:
+    """One (method, hyperparameters, seed) of part (c), in a worker process of one thread:
+    the evaluation (with the probabilities) and the ms per training step."""
+    method, choice, seed, settings = job
+    torch.set_num_threads(1)
+    x_tr, y_tr = data.load("digits", "train")
+    x_te, y_te = data.load("digits", "test")
+    cfg = config_from(method, choice, epochs=settings["epochs"], batch=settings["batch"], seed=seed,
+                      backend=settings["backend"], warmup_epochs=settings["warmup_epochs"])
+    torch.manual_seed(seed)
+    trained = train(make_model("mlp", in_features=x_tr[0].numel()), cfg, x_tr, y_tr)
+    return evaluate(trained, method, x_te, y_te, samples=settings["samples"], seed=seed), trained.ms_per_step
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tuned", default=TUNED, help="tuned.json of the digits tuner")
@@ -120,6 +136,7 @@ def main(argv=None):
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--backend", default="auto")
+    ap.add_argument("--workers", type=int, default=2, help="processes for the digits runs (one thread each)")
     ap.add_argument("--out", default=os.path.join("results", "demo"))
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
@@ -156,26 +173,26 @@ def main(argv=None):
     print(f"\n(c) calibrated: digits, {len(x_tr)} train / {len(x_te)} test, MLP 64-500-300-10, {epochs} epochs, "
           f"batch {protocol['batch']}, seeds {args.seeds}; each method's hyperparameters tuned on a "
           f"{protocol['val_fraction']:.0%} validation split at this budget ({os.path.basename(args.tuned)})")
+    # The runs are independent: two worker processes of one thread each (on two cores that
+    # is faster than one process of two threads for a model this small).
+    jobs = [(method, tuned["selected"][method]["hparams"], seed) for method in METHODS for seed in args.seeds]
+    settings = dict(epochs=epochs, batch=protocol["batch"], warmup_epochs=protocol["warmup_epochs"],
+                    backend=args.backend, samples=args.samples)
+    with concurrent.futures.ProcessPoolExecutor(max_workers=args.workers,
+                                                mp_context=multiprocessing.get_context("spawn")) as pool:
+        results = list(pool.map(_digits_run, [(*job, settings) for job in jobs]))
     runs = {}                                    # row name -> metric -> per-seed values
     probs, ms = {}, {}
-    for method, label in METHODS.items():
-        choice = tuned["selected"][method]["hparams"]
-        for seed in args.seeds:
-            cfg = config_from(method, choice, epochs=epochs, batch=protocol["batch"], seed=seed,
-                              backend=args.backend, warmup_epochs=protocol["warmup_epochs"])
-            torch.manual_seed(seed)
-            trained = train(make_model("mlp", in_features=x_tr[0].numel()), cfg, x_tr, y_tr)
-            res = evaluate(trained, method, x_te, y_te, samples=args.samples, seed=seed)
-            rows = {label: res["pred"]}
-            if method == "bsam":
-                label = f"bSAM BMA S={args.samples}"
-                rows = {label: res["pred"], "bSAM at mean": res["mean"]}
-            for row, r in rows.items():
-                for k in KEYS:
-                    runs.setdefault(row, {}).setdefault(k, []).append(r[k])
-                ms.setdefault(row, []).append(trained.ms_per_step)
-                if seed == args.seeds[0]:
-                    probs[row] = r["probs"]
+    for (method, _, seed), (res, ms_per_step) in zip(jobs, results):
+        rows = {METHODS[method]: res["pred"]}
+        if method == "bsam":
+            rows = {f"bSAM BMA S={args.samples}": res["pred"], "bSAM at mean": res["mean"]}
+        for row, r in rows.items():
+            for k in KEYS:
+                runs.setdefault(row, {}).setdefault(k, []).append(r[k])
+            ms.setdefault(row, []).append(ms_per_step)
+            if seed == args.seeds[0]:
+                probs[row] = r["probs"]
     print(f"    {'method':<20}" + "".join(f"{k:>17}" for k in ("accuracy", "NLL", "ECE", "AUROC")) + f"{'ms/step':>9}")
     for row, r in runs.items():
         cells = "".join(f"{torch.tensor(r[k]).mean():>10.4f} ± {torch.tensor(r[k]).std() if len(r[k]) > 1 else 0:.4f}"
@@ -185,7 +202,7 @@ def main(argv=None):
     verdicts = {}
     if len(args.seeds) > 1:
         verdicts = {other: compare(runs[bsam], runs[other]) for other in ("Adam", "SAM-Adam")}
-        summary.append("its posterior predictive on digits, " + "; ".join(
+        summary.append("bSAM's posterior predictive on digits, " + "; ".join(
             f"vs {other}: " + ", ".join(f"{k} {v}" for k, v in vs.items()) for other, vs in verdicts.items())
             + f" (equal: the means differ by no more than the sum of the two stds over {len(args.seeds)} seeds)")
     else:
@@ -194,7 +211,7 @@ def main(argv=None):
     path = os.path.join(args.out, "reliability.png")
     metrics.reliability_diagram(probs, y_te, path)
     print(f"    reliability diagram: {path}")
-    print(f"\nIn one line: bSAM {summary[0]}, {summary[1]}, and {summary[2]}. "
+    print(f"\nIn one line: {summary[0]} and {summary[1]}; {summary[2]}. "
           f"[{time.perf_counter() - t_start:.0f} s]")
     return {"runs": runs, "verdicts": verdicts, "max_difference": diff, "speed": records}
 

@@ -170,7 +170,7 @@ def test_demo_prints_the_table_and_one_line(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "(a) exact" in printed and "(b) fast" in printed and "(c) calibrated" in printed
     assert "SAM-Adam" in printed and "bSAM" in printed and "ECE" in printed and " ± " in printed
-    assert "In one line: bSAM the " in printed and "its posterior predictive on digits, vs Adam:" in printed
+    assert "In one line: the " in printed and "bSAM's posterior predictive on digits, vs Adam:" in printed
     assert out["max_difference"] < 1e-4               # float32 round-off, not another update
     rows = {(r.layout, r.backend) for r in out["speed"]}
     assert {("resnet20", "reference"), ("resnet20", "adamw_fused"), ("host", "adamw_fused")} <= rows
