@@ -1,0 +1,116 @@
+"""``step_batched``: a bSAM step of m parts whose forward and backward passes run batched.
+
+``BSAM.step_parts`` runs the m parts one after another: 2m forward/backward passes of
+batch/m examples each. Here the m noisy points are made first (the noise stream's draws
+for the next m ``sample_noise()`` calls, so the same noise as ``step_parts``), their
+gradients come from one ``torch.func.vmap`` over a leading parts dimension of the
+parameters and of the batch, then the m perturbed points and their gradients likewise;
+the optimizer's own phases then make the step from those gradients (the same kernels and
+the same update as ``step_parts``)::
+
+    loss = step_batched(opt, model, F.cross_entropy, x, y, m=8)
+
+Memory: m copies of the parameters and of their gradients, twice (noisy and perturbed).
+Models ``vmap`` cannot batch (in-place buffer updates such as BatchNorm's running
+statistics in training mode, data-dependent control flow) are refused with a message;
+use ``step_parts`` for them.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from . import _ops
+from .noise import normal_like
+from .optimizer import BSAM
+
+
+def _check(opt: BSAM, model: nn.Module, inputs: Tensor, m: int) -> list[tuple[str, Tensor]]:
+    """The model's trainable parameters, each the optimizer's, in the optimizer's order."""
+    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+        raise ValueError(f"Invalid m: {m!r} (must be an integer >= 1)")
+    if opt.in_step:
+        raise RuntimeError("step_batched() called inside a step begun with sample_noise()")
+    if len(inputs) % m:
+        raise ValueError(f"step_batched: a batch of {len(inputs)} does not split into m={m} equal parts "
+                         "(vmap needs equal parts; use step_parts for uneven ones)")
+    if any(isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.training and mod.track_running_stats
+           for mod in model.modules()):
+        raise ValueError("step_batched: the model has BatchNorm layers in training mode, whose running "
+                         "statistics vmap cannot update per part; use step_parts for this model")
+    owned = [p for g in opt.param_groups for p in g["params"] if p.requires_grad]
+    named = {id(p): (name, p) for name, p in model.named_parameters() if p.requires_grad}
+    if sorted(named) != sorted(map(id, owned)):
+        raise ValueError("step_batched: the model's trainable parameters must be exactly the optimizer's")
+    for p in owned:
+        if p.dtype not in (torch.float32, torch.float64) or not p.is_contiguous():
+            raise ValueError(f"step_batched takes contiguous float32/float64 parameters, got {p.dtype}; "
+                             "use step_parts")
+    return [named[id(p)] for p in owned]
+
+
+def _stream_noise(opt: BSAM, params: list[Tensor], m: int) -> list[list[Tensor]]:
+    """The noise the next m sample_noise() calls would draw from the optimizer's stream."""
+    bases = [opt._noise_base[p] for p in params]
+    key, offset = opt._noise_key, opt.noise_offset
+    if _ops.is_loaded() and all(b % 4 == 0 for b in bases):
+        return [_ops.normal(params, bases, key, offset + k) for k in range(m)]
+    return [normal_like(params, bases, key, offset + k, dtype=torch.float32) for k in range(m)]
+
+
+def step_batched(opt: BSAM, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], inputs: Tensor,
+                 targets: Tensor, m: int, noise: Optional[Sequence[Sequence[Tensor]]] = None) -> Tensor:
+    """One bSAM step of m parts (``inputs``/``targets`` split into m equal parts along dim 0;
+    ``loss_fn(model(part inputs), part targets)`` is a part's loss), the parts' passes
+    batched with ``vmap``. ``noise``: one list of standard-normal draws per part, as
+    ``step_parts`` takes it; default: the optimizer's stream. Returns the mean of the
+    losses at the perturbed points; the parameters hold the new mean afterwards."""
+    from torch.func import functional_call, grad_and_value, vmap
+    named = _check(opt, model, inputs, m)
+    names, params = [n for n, _ in named], [p for _, p in named]
+    if noise is not None and len(noise) != m:
+        raise ValueError(f"noise: expected one list per part (m={m}), got {len(noise)}")
+    xi = _stream_noise(opt, params, m) if noise is None else [list(n) for n in noise]
+    buffers = dict(model.named_buffers())
+    x_parts = inputs.reshape(m, len(inputs) // m, *inputs.shape[1:])
+    y_parts = targets.reshape(m, len(targets) // m, *targets.shape[1:])
+
+    def part_loss(values, x, y):
+        return loss_fn(functional_call(model, {**buffers, **dict(zip(names, values))}, (x,)), y)
+    grads_of = vmap(grad_and_value(part_loss))
+
+    groups = {id(p): g for g in opt.param_groups for p in g["params"]}
+    with torch.no_grad():
+        s = [opt.state[p]["precision"] for p in params]
+        n = [groups[id(p)]["num_data"] for p in params]
+        rho = [groups[id(p)]["rho"] for p in params]
+        noisy = [torch.stack([w + x[i].to(w.dtype) / torch.sqrt(n_i * s_i) for x in xi])
+                 for i, (w, s_i, n_i) in enumerate(zip(params, s, n))]
+    try:
+        g_noisy, _ = grads_of(noisy, x_parts, y_parts)
+        with torch.no_grad():
+            perturbed = [w + (r * g) / s_i for w, g, s_i, r in zip(params, g_noisy, s, rho)]
+        g_perturbed, losses = grads_of(perturbed, x_parts, y_parts)
+    except RuntimeError as exc:
+        raise RuntimeError(f"step_batched: vmap could not batch this model's parts ({exc}); use "
+                           "step_parts for it") from exc
+    # The step itself, from these gradients: the optimizer's phases, part by part.
+    opt.zero_grad()
+    try:
+        for k in range(m):
+            opt.sample_noise(noise=xi[k])
+            for p, g in zip(params, g_noisy):
+                p.grad = g[k].clone()
+            opt.perturb()
+            for p, h in zip(params, g_perturbed):     # onto the earlier parts' sum perturb() handed back
+                p.grad = h[k].clone() if p.grad is None else p.grad.add_(h[k])
+    except BaseException:
+        opt.cancel_step()
+        raise
+    opt.step()
+    return losses.detach().mean()
+
+
+__all__ = ["step_batched"]
