@@ -11,7 +11,8 @@ import os
 import pytest
 import torch
 from bsam_fast import BSAM, available_backends
-from bsam_fast.bench import layout_shapes, training_step
+from bsam_fast.bench import layout_shapes
+from bsam_fast.bench_e2e import training_step
 
 SMOKE = os.environ.get("BSAM_BENCH_SMOKE") == "1"
 SIZE = 20_000 if SMOKE else 10_000_000

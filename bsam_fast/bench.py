@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -41,6 +40,8 @@ from typing import Callable, Optional
 import torch
 
 from . import BSAM, available_backends
+from .bench_e2e import format_end_to_end, run_end_to_end
+from .timing import copy_bandwidth_gbps, device_name, median_ms, sync
 
 LAYOUTS = ("one", "resnet20", "transformer", "tiny", "host")
 # The `host` layout measures the per-step host overhead: many tensors of 16 elements (the
@@ -82,36 +83,6 @@ def layout_shapes(layout: str, numel: int) -> list[tuple[int, ...]]:
     raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
 
 
-# ------------------------------------------------------------------ timing
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_ms(fn: Callable[[], None], device: torch.device, reps: int, warmup: int = 3,
-              setup: Optional[Callable[[], None]] = None) -> float:
-    """Median wall time of fn() in ms; setup() (untimed) runs before every call."""
-    times = []
-    for i in range(warmup + reps):
-        if setup is not None:
-            setup()
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
-
-
-def copy_bandwidth_gbps(device: torch.device, numel: int = 1 << 26, reps: int = 20) -> float:
-    """Device copy bandwidth: bytes read + written by a large fp32 copy_, per second."""
-    src = torch.randn(numel, device=device)
-    dst = torch.empty_like(src)
-    ms = median_ms(lambda: dst.copy_(src), device, reps)
-    return 2 * src.numel() * src.element_size() / ms / 1e6
-
-
 def bsam_bytes(numel: int, param_bytes: int, state_bytes: int) -> dict[str, int]:
     P, S = param_bytes, state_bytes
     master = P != S
@@ -142,18 +113,6 @@ class Record:
     state_bytes: int
     phases_ms: dict = field(default_factory=dict)
     bytes_moved: int = 0
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{model}, {torch.get_num_threads()} threads"
 
 
 def _make_params(shapes, device, dtype, seed=0):
@@ -189,15 +148,15 @@ def time_bsam(shapes, device, dtype, backend, reps, alongside: Optional[Callable
     phase_times = {k: [] for k in ("sample", "perturb", "update") + (("alongside",) if alongside else ())}
     for i in range(3 + reps):
         if alongside is not None:
-            _sync(device); t = time.perf_counter(); alongside(); _sync(device)
+            sync(device); t = time.perf_counter(); alongside(); sync(device)
             if i >= 3:
                 phase_times["alongside"].append(time.perf_counter() - t)
         opt.zero_grad()                 # as a training loop does between steps (untimed)
-        _sync(device); t0 = time.perf_counter(); opt.sample_noise(); _sync(device); t1 = time.perf_counter()
+        sync(device); t0 = time.perf_counter(); opt.sample_noise(); sync(device); t1 = time.perf_counter()
         put_grads()
-        _sync(device); t2 = time.perf_counter(); opt.perturb(); _sync(device); t3 = time.perf_counter()
+        sync(device); t2 = time.perf_counter(); opt.perturb(); sync(device); t3 = time.perf_counter()
         put_grads()
-        _sync(device); t4 = time.perf_counter(); opt.step(); _sync(device); t5 = time.perf_counter()
+        sync(device); t4 = time.perf_counter(); opt.step(); sync(device); t5 = time.perf_counter()
         if i >= 3:
             phase_times["sample"].append(t1 - t0)
             phase_times["perturb"].append(t3 - t2)
@@ -337,68 +296,6 @@ def plot(records: list[Record], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-# ------------------------------------------------------------------ end to end
-def training_step(model_name: str, method: str, backend: Optional[str], device: torch.device,
-                  batch: int = 64) -> Callable[[], None]:
-    """One training step on a synthetic batch: method "adam", "sam_adam" or "bsam" (with
-    the given backend). Returns the step as a callable."""
-    import torch.nn.functional as F
-
-    from .experiments.baselines import SAM
-    from .experiments.models import INPUT_SHAPES, make_model
-    x = torch.randn(batch, *INPUT_SHAPES[model_name], device=device)
-    y = torch.randint(0, 10, (batch,), device=device)
-    torch.manual_seed(0)
-    model = make_model(model_name).to(device)
-    if method == "adam":
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    elif method == "sam_adam":
-        opt = SAM(model.parameters(), torch.optim.Adam, rho=0.05, lr=1e-3)
-    elif method == "bsam":
-        opt = BSAM(model.parameters(), lr=1e-3, num_data=50_000, backend=backend, seed=0)
-    else:
-        raise ValueError(f"unknown method {method!r}")
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-
-    def step():
-        if method == "adam":
-            closure()
-            opt.step()
-        else:
-            opt.step(closure)
-    return step
-
-
-def run_end_to_end(device: torch.device, models, backends, reps: int, batch: int = 64,
-                   progress: bool = True) -> list[dict]:
-    """Time of one training step (synthetic batch) for Adam, SAM-Adam and bSAM per backend."""
-    results = []
-    for name in models:
-        rows = {}
-        methods = [("adam", None), ("sam_adam", None)] + [("bsam", b) for b in backends]
-        for method, backend in methods:
-            label = method if backend is None else f"bsam[{backend}]"
-            rows[label] = median_ms(training_step(name, method, backend, device, batch), device, reps)
-        for label, ms in rows.items():
-            results.append({"model": name, "method": label, "device": device.type,
-                            "device_name": device_name(device), "batch": batch, "median_ms": ms,
-                            "overhead_vs_adam": ms / rows["adam"], "overhead_vs_sam_adam": ms / rows["sam_adam"]})
-    return results
-
-
-def format_end_to_end(results: list[dict]) -> str:
-    lines = [f"{'model':<14}{'method':<18}{'ms/step':>10}{'x Adam':>8}{'x SAM-Adam':>12}"]
-    for r in results:
-        lines.append(f"{r['model']:<14}{r['method']:<18}{r['median_ms']:>10.2f}{r['overhead_vs_adam']:>8.2f}"
-                     f"{r['overhead_vs_sam_adam']:>12.2f}")
-    return "\n".join(lines)
 
 
 def main(argv=None):

@@ -86,26 +86,32 @@ def step_batched(opt: BSAM, model: nn.Module, loss_fn: Callable[[Tensor, Tensor]
         s = [opt.state[p]["precision"] for p in params]
         n = [groups[id(p)]["num_data"] for p in params]
         rho = [groups[id(p)]["rho"] for p in params]
-        noisy = [torch.stack([w + x[i].to(w.dtype) / torch.sqrt(n_i * s_i) for x in xi])
+        # theta_k = w + xi_k / sqrt(N s) for all k at once (one pass over the m copies)
+        noisy = [torch.addcmul(w, torch.stack([x[i] for x in xi]).to(w.dtype), torch.sqrt(n_i * s_i).reciprocal())
                  for i, (w, s_i, n_i) in enumerate(zip(params, s, n))]
     try:
         g_noisy, _ = grads_of(noisy, x_parts, y_parts)
-        with torch.no_grad():
-            perturbed = [w + (r * g) / s_i for w, g, s_i, r in zip(params, g_noisy, s, rho)]
+        with torch.no_grad():      # w + rho g_k / s
+            perturbed = [torch.addcmul(w, g, r / s_i) for w, g, s_i, r in zip(params, g_noisy, s, rho)]
         g_perturbed, losses = grads_of(perturbed, x_parts, y_parts)
+        with torch.no_grad():      # the update reads only the sum of the perturbed gradients
+            g_perturbed = [h.sum(0) for h in g_perturbed]
     except RuntimeError as exc:
         raise RuntimeError(f"step_batched: vmap could not batch this model's parts ({exc}); use "
                            "step_parts for it") from exc
-    # The step itself, from these gradients: the optimizer's phases, part by part.
+    # The step itself, from these gradients: the optimizer's phases, part by part (each
+    # part's noisy gradient sets its u and perturbation); .grad holds the sum of the
+    # perturbed gradients from the first part on (banked and handed back by the phases).
     opt.zero_grad()
     try:
         for k in range(m):
             opt.sample_noise(noise=xi[k])
             for p, g in zip(params, g_noisy):
-                p.grad = g[k].clone()
+                p.grad = g[k]
             opt.perturb()
-            for p, h in zip(params, g_perturbed):     # onto the earlier parts' sum perturb() handed back
-                p.grad = h[k].clone() if p.grad is None else p.grad.add_(h[k])
+            if k == 0:
+                for p, h in zip(params, g_perturbed):
+                    p.grad = h
     except BaseException:
         opt.cancel_step()
         raise
