@@ -87,3 +87,20 @@ def test_refusals_name_the_problem_and_change_nothing():
     with pytest.raises(ValueError, match="BatchNorm"):
         step_batched(BSAM(bn.parameters(), lr=0.1, num_data=10), bn, F.cross_entropy, x, y, 2)
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters())) and not opt.in_step
+
+
+def test_the_experiments_train_with_batched_parts():
+    from bsam_fast.experiments import training
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 1, 8, 8), torch.randint(0, 10, (64,))
+    trained = {}
+    for batched in (False, True):
+        cfg = training.Config(method="bsam", epochs=2, batch=32, m=4, batched_parts=batched,
+                              hparams={"lr": 0.1, "rho": 0.05})
+        torch.manual_seed(1)
+        model = model_for("mlp", x)
+        trained[batched] = training.train(model, cfg, x, y).model
+    for p, q in zip(trained[False].parameters(), trained[True].parameters()):
+        assert torch.linalg.vector_norm(p - q) <= 1e-5 * torch.linalg.vector_norm(p)
+    assert training.extra_settings(False, None, True) == {"batched_parts": True}
+    assert training.extra_settings(False, None, False) == {}

@@ -243,6 +243,8 @@ def main(argv=None):
                                 "N is multiplied by --data-factor")
     data_args.add_argument("--data-factor", type=float, default=None,
                            help="with --augment: N = this x the training examples (default 4, the authors' dafactor)")
+    data_args.add_argument("--batched-parts", action="store_true",
+                           help="bSAM's m parts with their passes batched by vmap (bsam_fast.func.step_batched)")
     data_args.add_argument("--warmup-epochs", type=float, default=None,
                            help="linear warm-up, then cosine; default 1 (table --tuned: the tuner's)")
     all_methods = list(METHODS + ABLATIONS)

@@ -21,7 +21,7 @@ from .. import metrics
 from . import data
 from .models import model_for
 from .store import RunStore
-from .training import DEFAULTS, METHODS, augmentation, evaluate, predictive, time_steps, train
+from .training import DEFAULTS, METHODS, extra_settings, evaluate, predictive, time_steps, train
 from .tuning import config_from
 
 OOD_PARTNER = {"mnist": "fashion_mnist", "fashion_mnist": "mnist"}
@@ -87,7 +87,8 @@ def _one_run(args, method, choice, seed, x_tr, y_tr, x_te, y_te, x_ood) -> dict:
     """Train one (method, seed) and score it: the record a RunStore keeps."""
     cfg = config_from(method, choice, epochs=args.epochs, batch=args.batch, seed=seed, backend=args.backend,
                       warmup_epochs=args.warmup_epochs,
-                      **augmentation(getattr(args, "augment", False), getattr(args, "data_factor", None)))
+                      **extra_settings(getattr(args, "augment", False), getattr(args, "data_factor", None),
+                                   getattr(args, "batched_parts", False)))
     curve = []
 
     def on_epoch(epoch, model):          # test NLL at the mean: has training converged?
@@ -137,7 +138,8 @@ def run_table(args) -> dict:
             "epochs": args.epochs, "batch": args.batch, "warmup_epochs": args.warmup_epochs,
             "backend": args.backend, "samples": args.samples, "sample_counts": list(args.sample_counts),
             "ood": x_ood is not None,
-            **augmentation(getattr(args, "augment", False), getattr(args, "data_factor", None))}
+            **extra_settings(getattr(args, "augment", False), getattr(args, "data_factor", None),
+                                   getattr(args, "batched_parts", False))}
     specs = {(m, seed): {**base, "method": m, "hparams": hp, "seed": seed}
              for m, hp in choices.items() for seed in args.seeds}
     _announce(args, specs, store, x_tr, y_tr)

@@ -25,6 +25,7 @@ from .. import metrics
 from .baselines import SAM
 from . import bayes_baselines
 from ..optimizer import BSAM
+from ..func import step_batched
 from ..parts import split_batch
 from ..predict import probabilities, eval_mode, predict_bma, predict_mean
 
@@ -62,6 +63,7 @@ class Config:
     hparams: dict = field(default_factory=dict)
     augment: bool = False           # random crops and flips of each batch (images)
     data_factor: float = 1.0        # N = data_factor x the examples (the authors' dafactor)
+    batched_parts: bool = False     # bSAM's m parts with vmap (func.step_batched)
 
     def hp(self) -> dict:
         return {**DEFAULTS[self.method], **self.hparams}
@@ -168,12 +170,13 @@ def train(model: nn.Module, cfg: Config, x: Tensor, y: Tensor, progress: bool = 
     return Trained(model, opt, 1e3 * elapsed / max(1, step - untimed), posterior)
 
 
-def augmentation(augment: bool, data_factor: Optional[float]) -> dict:
-    """--augment's settings for a Config and a run's spec; nothing without it (so that the
-    specs, and the keys of finished runs, of unaugmented runs stay as they were)."""
-    if not augment:
-        return {}
-    return {"augment": True, "data_factor": 4.0 if data_factor is None else float(data_factor)}
+def extra_settings(augment: bool, data_factor: Optional[float], batched_parts: bool = False) -> dict:
+    """--augment's and --batched-parts' settings for a Config and a run's spec; nothing
+    without them (so that the specs, and the keys of finished runs, stay as they were)."""
+    out = {"batched_parts": True} if batched_parts else {}
+    if augment:
+        out.update(augment=True, data_factor=4.0 if data_factor is None else float(data_factor))
+    return out
 
 
 def augmented(x: Tensor, g: torch.Generator, pad: int = 4) -> Tensor:
@@ -217,6 +220,9 @@ def _one_step(cfg: Config, model: nn.Module, opt, parts) -> None:
         extra = {} if noise is None else {"noise": noise[0] if cfg.m == 1 else noise}
         if cfg.m == 1:
             opt.step(closure, **extra)
+        elif cfg.batched_parts and isinstance(opt, BSAM):
+            x, y = torch.cat([xk for xk, _ in parts]), torch.cat([yk for _, yk in parts])
+            step_batched(opt, model, F.cross_entropy, x, y, cfg.m, **extra)
         else:
             opt.step_parts(closure, cfg.m, **extra)
     elif cfg.method == "ivon":

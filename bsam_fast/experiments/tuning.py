@@ -35,7 +35,7 @@ import torch
 from . import data
 from .models import model_for
 from .store import RunStore
-from .training import ABLATIONS, METHODS, SAM_TYPES, Config, augmentation, evaluate, train, time_steps
+from .training import ABLATIONS, METHODS, SAM_TYPES, Config, extra_settings, evaluate, train, time_steps
 
 GRID_SIZE = 16
 PRIOR_PRECISIONS = (1.0, 25.0)
@@ -109,12 +109,12 @@ def select(trials: list[dict], key: str) -> dict:
 def tune(x, y, methods, make_model, *, epochs: int, batch: int, warmup_epochs: float, seed: int = 0,
          samples: int = 8, val_fraction: float = 0.1, quick: bool = False, backend: str = "auto",
          store: RunStore | None = None, spec_base: dict | None = None, max_shifts: int = 6,
-         progress: bool = False, log=print, augment_settings: dict | None = None) -> dict:
+         progress: bool = False, log=print, settings: dict | None = None) -> dict:
     """Run every method's grid (shifting learning-rate axes away from edge selections);
     returns the protocol, all trials and the selections."""
     x_fit, y_fit, x_val, y_val = validation_split(x, y, val_fraction, seed)
     common = dict(epochs=epochs, batch=batch, seed=seed, backend=backend, warmup_epochs=warmup_epochs,
-                  **(augment_settings or {}))     # (training.augmentation: empty unless --augment)
+                  **(settings or {}))     # (training.extra_settings: empty unless --augment or --batched-parts)
     base = {"command": "tune", **(spec_base or {}), **common, "samples": samples, "val_fraction": val_fraction,
             "train_examples": len(x_fit)}
 
@@ -188,8 +188,9 @@ def run_tune(args) -> dict:
                   batch=args.batch, warmup_epochs=args.warmup_epochs, seed=args.seed, samples=args.samples,
                   val_fraction=args.val_fraction, quick=args.quick, backend=args.backend,
                   store=RunStore(os.path.join(args.out, "runs")), spec_base=spec_base,
-                  max_shifts=args.max_shifts, progress=not args.no_progress, augment_settings=augmentation(
-                      getattr(args, "augment", False), getattr(args, "data_factor", None)))
+                  max_shifts=args.max_shifts, progress=not args.no_progress, settings=extra_settings(
+                      getattr(args, "augment", False), getattr(args, "data_factor", None),
+                      getattr(args, "batched_parts", False)))
     result["protocol"].update(dataset=args.dataset, model=args.model, train_subset=args.train_subset)
     path = os.path.join(args.out, "tuned.json")
     with open(path, "w") as f:
