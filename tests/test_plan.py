@@ -15,7 +15,7 @@ from helpers import make_data, make_model, train
 
 def _drive(driver, model, opt, seed):
     x, y = make_data(seed, n=8)
-    if driver == "closure":
+    if driver in ("closure", "capturable"):
         def closure():
             opt.zero_grad()
             loss = F.cross_entropy(model(x), y)
@@ -29,6 +29,15 @@ def _drive(driver, model, opt, seed):
             opt.zero_grad()
             F.cross_entropy(model(parts[k][0]), parts[k][1]).backward()
         opt.step_parts(part, 2)
+    elif driver == "scaler":               # the phase API under a GradScaler
+        scaler = opt.__dict__.setdefault("_test_scaler", torch.amp.GradScaler("cpu", init_scale=16.0))
+        opt.zero_grad()
+        opt.sample_noise()
+        scaler.scale(F.cross_entropy(model(x), y)).backward()
+        opt.perturb(grad_scaler=scaler)
+        scaler.scale(F.cross_entropy(model(x), y)).backward()
+        scaler.step(opt)
+        scaler.update()
     else:                                  # the phase API
         opt.zero_grad()
         opt.sample_noise()
@@ -85,11 +94,14 @@ class WithExtra(nn.Module):
         return out if extra is None else out + extra.sum() * 1e-2
 
 
-@pytest.mark.parametrize("driver", ["closure", "parts", "phases"])
+@pytest.mark.parametrize("driver", ["closure", "parts", "phases", "scaler", "capturable"])
 @pytest.mark.parametrize("change", list(CHANGES))
 def test_a_kept_plan_after_a_change_equals_a_fresh_optimizer(backend, driver, change):
+    if driver == "capturable" and backend != "cpu":
+        pytest.skip("capturable=True needs a fused backend")
+    capturable = driver == "capturable"
     model = WithExtra()
-    opt = BSAM(model.parameters(), lr=0.05, num_data=64, backend=backend, seed=9)
+    opt = BSAM(model.parameters(), lr=0.05, num_data=64, backend=backend, seed=9, capturable=capturable)
     for t in range(2):
         _drive(driver, model, opt, seed=t)          # the plan is built and kept
     for fn in CHANGES[change]:
@@ -99,7 +111,7 @@ def test_a_kept_plan_after_a_change_equals_a_fresh_optimizer(backend, driver, ch
     fresh_params = dict(fresh_model.named_parameters())
     fresh_groups = [{**g, "params": [fresh_params[n] for n in _names(model, g["params"])]}
                     for g in opt.param_groups]
-    fresh = BSAM(fresh_groups, lr=0.05, num_data=64, backend=backend, seed=9)
+    fresh = BSAM(fresh_groups, lr=0.05, num_data=64, backend=backend, seed=9, capturable=capturable)
     fresh.load_state_dict(copy.deepcopy(opt.state_dict()))
     for t in range(2, 5):
         _drive(driver, model, opt, seed=t)
