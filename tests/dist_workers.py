@@ -110,3 +110,33 @@ def worker_one_rank_raises(rank, world, port, out_dir):
         outcome = f"error: {type(exc).__name__}"
     with open(os.path.join(out_dir, "rank0.txt"), "w") as f:
         f.write(outcome)
+
+
+def worker_kept_plan(rank, world, port, out_dir):
+    """After each change a DDP step's plan must see (the state loaded back, a parameter's
+    storage replaced), 2 more steps with the kept plan equal those of a freshly built
+    optimizer on a copy of the model, loaded from the same state."""
+    import copy
+    setup(rank, world, port)
+    dtype = torch.float64
+    results = {}
+    for change in ("load_state_dict", "storage replaced"):
+        net, model, opt = make(dtype, seed=77)
+        train(net, model, opt, 2, 0, world, rank, dtype)          # the plan is built and kept
+        if change == "load_state_dict":
+            opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+        else:
+            p = next(net.parameters())
+            p.data = p.data.clone()
+        fresh_net, fresh_model, fresh = make(dtype, seed=77)
+        with torch.no_grad():
+            for a, b in zip(fresh_net.parameters(), net.parameters()):
+                a.copy_(b)
+        fresh.load_state_dict(copy.deepcopy(opt.state_dict()))
+        train(net, model, opt, 2, 2, world, rank, dtype)
+        train(fresh_net, fresh_model, fresh, 2, 2, world, rank, dtype)
+        kept, new = state_of(net, opt), state_of(fresh_net, fresh)
+        results[change] = all(torch.equal(kept[k], new[k]) for k in kept)
+        del model, fresh_model
+    torch.save(results, os.path.join(out_dir, f"kept{rank}.pt"))
+    teardown()

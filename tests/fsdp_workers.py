@@ -211,3 +211,24 @@ def worker_nonfinite(rank, world, port, out_dir, backend):
     same = all(torch.equal(before[k], after[k]) for k in before)
     torch.save({"unchanged": same, "skipped": opt.skipped_steps}, os.path.join(out_dir, f"inf{rank}.pt"))
     teardown()
+
+
+def worker_kept_plan(rank, world, port, out_dir, backend):
+    """After the state is loaded back (what the plan must see on a sharded model), 2 more
+    steps with the kept plan equal those of a freshly built optimizer on a copy of the
+    model, loaded from the same state."""
+    import copy
+    setup(rank, world, port)
+    net, opt = make(backend, seed=77)
+    train(net, opt, 0, 2, world, 2)                 # the plan is built and kept
+    opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    fresh_net, fresh = make(backend, seed=77)
+    with torch.no_grad():
+        for a, b in zip(fresh_net.parameters(), net.parameters()):
+            a.to_local().copy_(b.to_local())
+    fresh.load_state_dict(copy.deepcopy(opt.state_dict()))
+    train(net, opt, 2, 2, world, 2)
+    train(fresh_net, fresh, 2, 2, world, 2)
+    kept, new = full_state(net, opt), full_state(fresh_net, fresh)
+    torch.save(all(torch.equal(kept[k], new[k]) for k in kept), os.path.join(out_dir, f"kept{rank}.pt"))
+    teardown()

@@ -98,3 +98,9 @@ def test_a_failing_rank_does_not_hang_the_others(tmp_path):
     assert procs[1].exitcode != 0
     assert (tmp_path / "rank0.txt").read_text().startswith("error"), "rank 0 should fail, not finish"
     assert time.monotonic() - start < 120
+
+
+def test_a_kept_plan_after_a_change_equals_a_fresh_optimizer_under_ddp(tmp_path):
+    mp.spawn(W.worker_kept_plan, args=(WORLD, free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    for r in range(WORLD):
+        assert torch.load(tmp_path / f"kept{r}.pt") == {"load_state_dict": True, "storage replaced": True}

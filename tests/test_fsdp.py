@@ -175,3 +175,9 @@ def test_the_torchrun_examples_run(script, extra):
     assert "posterior predictive (32 samples): accuracy" in out.stdout
     if script == "fsdp_train.py":
         assert "rank 1: bSAM state" in out.stdout
+
+
+@pytest.mark.parametrize("backend", [FUSED, "foreach"])
+def test_a_kept_plan_after_loading_equals_a_fresh_optimizer(tmp_path, backend):
+    spawn(W.worker_kept_plan, 3, str(tmp_path), backend)
+    assert all(torch.load(tmp_path / f"kept{r}.pt") for r in range(3))
