@@ -11,7 +11,7 @@
 (c) **Calibrated.** Adam, SAM-Adam and bSAM on scikit-learn's digits, each with the
     hyperparameters the tuner selected for it on a validation split at the same budget
     (``experiments/tuned_digits_mlp.json``, written by ``python -m bsam_fast.experiments
-    tune --dataset digits ...``; see the README), over several seeds: accuracy, NLL, ECE,
+    tune --dataset digits ...``; see docs/experiments.md), over several seeds: accuracy, NLL, ECE,
     AUROC and time per step, bSAM for its posterior predictive (Bayesian model averaging
     over --samples posterior samples) and at its mean; a reliability diagram.
 

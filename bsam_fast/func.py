@@ -33,6 +33,9 @@ def _check(opt: BSAM, model: nn.Module, inputs: Tensor, m: int) -> list[tuple[st
         raise ValueError(f"Invalid m: {m!r} (must be an integer >= 1)")
     if opt.in_step:
         raise RuntimeError("step_batched() called inside a step begun with sample_noise()")
+    if opt._group is not None or opt._shard_group is not None:
+        raise ValueError("step_batched does not drive a distributed BSAM (vmap's gradients bypass DDP's and "
+                         "FSDP2's reductions); use ddp_step or the phase API")
     if len(inputs) % m:
         raise ValueError(f"step_batched: a batch of {len(inputs)} does not split into m={m} equal parts "
                          "(vmap needs equal parts; use step_parts for uneven ones)")
@@ -45,19 +48,38 @@ def _check(opt: BSAM, model: nn.Module, inputs: Tensor, m: int) -> list[tuple[st
     if sorted(named) != sorted(map(id, owned)):
         raise ValueError("step_batched: the model's trainable parameters must be exactly the optimizer's")
     for p in owned:
-        if p.dtype not in (torch.float32, torch.float64) or not p.is_contiguous():
-            raise ValueError(f"step_batched takes contiguous float32/float64 parameters, got {p.dtype}; "
-                             "use step_parts")
+        if p.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"step_batched takes float32/float64 parameters, got {p.dtype}; use step_parts")
+        if not p.is_contiguous():
+            raise ValueError("step_batched takes contiguous parameters; use step_parts")
     return [named[id(p)] for p in owned]
+
+
+def _check_every_parameter_used(model, names, params, loss_fn, x, y) -> None:
+    """A parameter the loss does not reach has no gradient: step_parts leaves it out of the
+    step, while vmap would hand it zeros (and the step would move it). Refused, checked on
+    one example's loss."""
+    from torch.func import functional_call
+    with torch.enable_grad():
+        values = [p.detach().requires_grad_() for p in params]
+        loss = loss_fn(functional_call(model, {**dict(model.named_buffers()), **dict(zip(names, values))},
+                                       (x[:1],)), y[:1])
+        grads = torch.autograd.grad(loss, values, allow_unused=True)
+    unused = [n for n, g in zip(names, grads) if g is None]
+    if unused:
+        raise ValueError(f"step_batched: the loss does not reach {unused} (no gradient; step_parts leaves such "
+                         "parameters out of the step): freeze them (requires_grad_(False)) or use step_parts")
 
 
 def _stream_noise(opt: BSAM, params: list[Tensor], m: int) -> list[list[Tensor]]:
     """The noise the next m sample_noise() calls would draw from the optimizer's stream."""
     bases = [opt._noise_base[p] for p in params]
     key, offset = opt._noise_key, opt.noise_offset
-    if _ops.is_loaded() and all(b % 4 == 0 for b in bases):
+    devices = {p.device for p in params}
+    if len(devices) == 1 and _ops.has_kernel(params[0].device.type) and all(b % 4 == 0 for b in bases):
         return [_ops.normal(params, bases, key, offset + k) for k in range(m)]
-    return [normal_like(params, bases, key, offset + k, dtype=torch.float32) for k in range(m)]
+    return [[normal_like([p], [b], key, offset + k, dtype=torch.float32)[0] for p, b in zip(params, bases)]
+            for k in range(m)]
 
 
 def step_batched(opt: BSAM, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], inputs: Tensor,
@@ -72,7 +94,17 @@ def step_batched(opt: BSAM, model: nn.Module, loss_fn: Callable[[Tensor, Tensor]
     names, params = [n for n, _ in named], [p for _, p in named]
     if noise is not None and len(noise) != m:
         raise ValueError(f"noise: expected one list per part (m={m}), got {len(noise)}")
-    xi = _stream_noise(opt, params, m) if noise is None else [list(n) for n in noise]
+    _check_every_parameter_used(model, names, params, loss_fn, inputs, targets)
+    # noise: per part, one tensor per parameter of the optimizer (frozen ones included, as
+    # sample_noise takes it); the trainable ones' are used here.
+    every = [p for g in opt.param_groups for p in g["params"]]
+    if noise is None:
+        drawn = _stream_noise(opt, params, m)
+        by_id = [dict(zip(map(id, params), part)) for part in drawn]
+        noise = [[part.get(id(p), torch.zeros(())) if p.requires_grad else torch.zeros_like(p) for p in every]
+                 for part in by_id]
+    position = {id(p): i for i, p in enumerate(every)}
+    xi = [[list(part)[position[id(p)]] for p in params] for part in noise]
     buffers = dict(model.named_buffers())
     x_parts = inputs.reshape(m, len(inputs) // m, *inputs.shape[1:])
     y_parts = targets.reshape(m, len(targets) // m, *targets.shape[1:])
@@ -105,7 +137,7 @@ def step_batched(opt: BSAM, model: nn.Module, loss_fn: Callable[[Tensor, Tensor]
     opt.zero_grad()
     try:
         for k in range(m):
-            opt.sample_noise(noise=xi[k])
+            opt.sample_noise(noise=noise[k])
             for p, g in zip(params, g_noisy):
                 p.grad = g[k]
             opt.perturb()

@@ -267,7 +267,8 @@ def test_the_cifar10_resnet20_commands_run_on_a_synthetic_folder(tmp_path, augme
     experiments.main(["tune", *flags, "--methods", "bsam", "--quick", "--val-fraction", "0.2", "--samples", "2"])
     tuned = json.loads((out / "tuned.json").read_text())
     assert tuned["protocol"].get("augment", False) == augment
-    experiments.main(["table", *[f for f in flags if f not in ("--epochs", "1", "--batch", "8", "--warmup-epochs", "0")],
+    table_flags = [f for f in flags if f not in ("--epochs", "1", "--batch", "8", "--warmup-epochs", "0", "--augment")]
+    experiments.main(["table", *table_flags,       # --augment comes from the tuner's protocol
                       "--tuned", str(out / "tuned.json"), "--methods", "bsam", "--seeds", "0", "1", "--samples", "2",
                       "--sample-counts"])
     results = json.loads((out / "results.json").read_text())

@@ -104,3 +104,19 @@ def test_the_experiments_train_with_batched_parts():
         assert torch.linalg.vector_norm(p - q) <= 1e-5 * torch.linalg.vector_norm(p)
     assert training.extra_settings(False, None, True) == {"batched_parts": True}
     assert training.extra_settings(False, None, False) == {}
+
+
+def test_an_unused_parameter_is_refused_and_a_frozen_one_left_alone():
+    x, y, (model, twin), (opt, opt_batched) = _pair("mlp", torch.float64, "foreach")
+    extra = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+    model.register_parameter("unused", extra)
+    with pytest.raises(ValueError, match="does not reach"):
+        step_batched(BSAM(model.parameters(), lr=0.1, num_data=10), model, F.cross_entropy, x, y, 2)
+    del model.unused
+    first, first_twin = next(model.parameters()), next(twin.parameters())
+    first.requires_grad_(False)
+    first_twin.requires_grad_(False)
+    _sequential(model, opt, x, y, 2)
+    step_batched(opt_batched, twin, F.cross_entropy, x, y, 2)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.linalg.vector_norm(p - q) <= 1e-12 * torch.linalg.vector_norm(p)

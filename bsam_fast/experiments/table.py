@@ -32,10 +32,16 @@ BUDGET_DEFAULTS = (("epochs", 5), ("batch", 128), ("warmup_epochs", 1.0))
 
 
 def resolve_budget(args, protocol: dict) -> None:
-    """Epochs, batch and warm-up: as given, else the tuner's (--tuned), else the defaults."""
+    """Epochs, batch and warm-up: as given, else the tuner's (--tuned), else the defaults;
+    the tuner's --augment (with its --data-factor) and --batched-parts too."""
     for name, default in BUDGET_DEFAULTS:
         if hasattr(args, name) and getattr(args, name) is None:
             setattr(args, name, protocol.get(name, default))
+    for flag in ("augment", "batched_parts"):
+        if protocol.get(flag) and hasattr(args, flag):
+            setattr(args, flag, True)
+    if protocol.get("data_factor") is not None and getattr(args, "data_factor", 0) is None:
+        args.data_factor = protocol["data_factor"]
 
 
 def mean_std(values: list[float]) -> dict:
