@@ -101,10 +101,11 @@ def step_batched(opt: BSAM, model: nn.Module, loss_fn: Callable[[Tensor, Tensor]
     if noise is None:
         drawn = _stream_noise(opt, params, m)
         by_id = [dict(zip(map(id, params), part)) for part in drawn]
-        noise = [[part.get(id(p), torch.zeros(())) if p.requires_grad else torch.zeros_like(p) for p in every]
+        noise = [[part[id(p)] if p.requires_grad else torch.zeros_like(p) for p in every]
                  for part in by_id]
     position = {id(p): i for i, p in enumerate(every)}
-    xi = [[list(part)[position[id(p)]] for p in params] for part in noise]
+    noise = [list(part) for part in noise]
+    xi = [[part[position[id(p)]] for p in params] for part in noise]
     buffers = dict(model.named_buffers())
     x_parts = inputs.reshape(m, len(inputs) // m, *inputs.shape[1:])
     y_parts = targets.reshape(m, len(targets) // m, *targets.shape[1:])
