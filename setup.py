@@ -9,11 +9,14 @@ Environment:
   BSAM_NO_EXTENSION=1   build nothing (pure Python install; at run time, BSAM_PURE_PYTORCH=1
                         uses the pure-PyTorch backends even where the kernels are built)
   BSAM_NO_CUDA=1        build only the CPU kernels
-  BSAM_CPU_ARCH=...     -march for the CPU kernels (default: native; "" for the compiler default)
+  BSAM_CPU_ARCH=...     build the CPU kernels once, with -march=... (e.g. native: fastest on the
+                        machine that builds, may not run on older processors). Default: on x86-64,
+                        one copy per instruction set (baseline, AVX2, AVX-512), chosen at run time
   TORCH_CUDA_ARCH_LIST  CUDA architectures (default "8.0;9.0")
   MAX_JOBS              parallel compile jobs (ninja)
 """
 import os
+import platform
 import shutil
 import sys
 import sysconfig
@@ -23,6 +26,14 @@ from setuptools import find_packages, setup
 HERE = os.path.dirname(os.path.abspath(__file__))
 CPU_SOURCES = ["csrc/ops.cpp", "csrc/cpu/bsam_cpu.cpp", "csrc/python_module.cpp"]
 CUDA_SOURCES = ["csrc/cuda/bsam_cuda.cu"]
+# The CPU kernels' loops (csrc/cpu/kernels.h), built once per instruction set with ATen's
+# names and flags for it; bsam_cpu.cpp picks one at run time as ATen picks its own kernels.
+KERNEL_SOURCE = "csrc/cpu/kernels.cpp"
+X86_KERNEL_VARIANTS = {
+    "DEFAULT": [],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c", "-mno-avx256-split-unaligned-load", "-mno-avx256-split-unaligned-store"],
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c", "-mprefer-vector-width=512"],
+}
 
 
 def _have_cxx() -> bool:
@@ -86,14 +97,21 @@ def _extensions():
     if not _have_cxx():
         print("bsam-fast: no C++ compiler found; building no kernels", file=sys.stderr)
         return [], {}
-    arch = os.environ.get("BSAM_CPU_ARCH", "native")
     cxx_flags = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"]
-    if arch:
-        cxx_flags += [f"-march={arch}", "-mprefer-vector-width=512"]
     sources = [s for s in CPU_SOURCES]
     # Recorded in the extension: on import, a torch of another version falls back with a
     # message (bsam_fast/_ops.py) rather than loading kernels built for another ABI.
     define_macros = [("BSAM_TORCH_VERSION", '"' + torch.__version__ + '"')]
+    arch = os.environ.get("BSAM_CPU_ARCH")
+    if arch:
+        variants = {"DEFAULT": [f"-march={arch}", "-mprefer-vector-width=512"]}
+        define_macros.append(("BSAM_CPU_KERNELS_NAME", f'"march={arch}"'))
+        cxx_flags += [f"-march={arch}"]
+    elif platform.machine().lower() in ("x86_64", "amd64"):
+        variants = X86_KERNEL_VARIANTS
+        define_macros.append(("BSAM_CPU_DISPATCH", "1"))
+    else:
+        variants = {"DEFAULT": []}
     extra = {"cxx": cxx_flags}
     want_cuda = (os.environ.get("BSAM_NO_CUDA") != "1" and torch.version.cuda is not None
                  and cpp_extension.CUDA_HOME is not None
@@ -117,11 +135,50 @@ def _extensions():
         ext_cls = cpp_extension.CppExtension
         print("bsam-fast: building CPU kernels", file=sys.stderr)
     ext = ext_cls("bsam_fast._C", sources, extra_compile_args=extra, extra_link_args=["-fopenmp"],
-                  define_macros=define_macros, include_dirs=[os.path.join(HERE, "csrc")])
-    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(no_python_abi_suffix=False)}
+                  define_macros=define_macros, include_dirs=[os.path.join(HERE, "csrc")],
+                  depends=[KERNEL_SOURCE, "csrc/cpu/kernels.h", "csrc/bsam_math.h", "csrc/checks.h"])
+    build_ext = _build_ext_with_kernel_variants(cpp_extension.BuildExtension, variants)
+    return [ext], {"build_ext": build_ext.with_options(no_python_abi_suffix=False)}
+
+
+def _build_ext_with_kernel_variants(base, variants):
+    """torch's BuildExtension, which also compiles KERNEL_SOURCE once per entry of
+    `variants` ({CPU_CAPABILITY: extra flags}) into its own folder and links the objects in.
+    The compiler call is torch's own (same flags, ninja or not), so every copy is built as
+    the rest of the extension is."""
+
+    class BuildExtensionWithKernelVariants(base):
+        def build_extension(self, ext):
+            objects = []
+            for capability, flags in variants.items():
+                extra = dict(ext.extra_compile_args)
+                extra["cxx"] = list(extra["cxx"]) + [f"-DCPU_CAPABILITY={capability}",
+                                                     f"-DCPU_CAPABILITY_{capability}"] + flags
+                objects += self.compiler.compile(
+                    [KERNEL_SOURCE], output_dir=os.path.join(self.build_temp, "kernels", capability),
+                    macros=ext.define_macros, include_dirs=ext.include_dirs, debug=self.debug,
+                    extra_postargs=extra, depends=ext.depends)
+            ext.extra_objects = [o for o in (ext.extra_objects or []) if o not in objects] + objects
+            super().build_extension(ext)
+
+    return BuildExtensionWithKernelVariants
+
+
+def _wheel_build_outside_the_tree():
+    """pip builds a wheel (`pip install .`, `pip wheel .`) in the source folder, where
+    setuptools would leave build/ and bsam_fast.egg-info behind: put both in a temporary
+    folder, removed at exit. Other commands (build_ext --inplace, editable installs) keep
+    setuptools' defaults."""
+    if "bdist_wheel" not in sys.argv[1:]:
+        return {}
+    import atexit
+    import tempfile
+    scratch = tempfile.mkdtemp(prefix="bsam-fast-build-")
+    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+    return {"build": {"build_base": os.path.join(scratch, "build")}, "egg_info": {"egg_base": scratch}}
 
 
 ext_modules, cmdclass = _extensions()
 setup(packages=find_packages(include=["bsam_fast", "bsam_fast.*"]),
       package_data={"bsam_fast.experiments": ["*.json"]},     # the demo's tuned hyperparameters
-      ext_modules=ext_modules, cmdclass=cmdclass)
+      ext_modules=ext_modules, cmdclass=cmdclass, options=_wheel_build_outside_the_tree())

@@ -57,6 +57,16 @@ def warn_once_unavailable() -> None:
                   "'foreach' backend (slower).")
 
 
+def cpu_kernels() -> Optional[str]:
+    """The instruction set whose CPU kernels run in this process ("AVX512", "AVX2",
+    "DEFAULT", or "march=..." for a build with BSAM_CPU_ARCH), or None without kernels.
+    It follows ATen's choice, which the ATEN_CPU_CAPABILITY environment variable can lower."""
+    if not is_loaded():
+        return None
+    from . import _C
+    return getattr(_C, "cpu_kernels", None)
+
+
 def has_kernel(device_type: str) -> bool:
     """True if the ops have kernels for this device type ('cpu', 'cuda')."""
     if not is_loaded():

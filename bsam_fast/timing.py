@@ -48,4 +48,6 @@ def device_name(device: torch.device) -> str:
             model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"{model}, {torch.get_num_threads()} threads"
+    from . import _ops
+    kernels = f", {_ops.cpu_kernels()} kernels" if _ops.cpu_kernels() else ""
+    return f"{model}, {torch.get_num_threads()} threads{kernels}"

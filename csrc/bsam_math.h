@@ -20,7 +20,17 @@
 #define BSAM_HD inline
 #endif
 
+// Host builds for one instruction set (csrc/cpu/kernels.cpp, built once per set) put all of
+// this in the inline namespace bsam::<CPU_CAPABILITY>, so that the copies of these inline
+// functions compiled for different sets stay apart at link time.
+#if defined(CPU_CAPABILITY) && !defined(__CUDACC__) && !defined(__HIPCC__)
+#define BSAM_MATH_VARIANT 1
+#endif
+
 namespace bsam {
+#ifdef BSAM_MATH_VARIANT
+inline namespace CPU_CAPABILITY {
+#endif
 
 // ---------------------------------------------------------------- Philox4x32-10
 struct uint4x32 { uint32_t x[4]; };
@@ -66,9 +76,21 @@ BSAM_HD uint32_t float_to_bits(float f) {
 #endif
 }
 
+// cond ? a : b, and -x if cond else x, as integer operations on the bits: the same values
+// as the branches, but with no float operation that runs only on one side, so compilers
+// vectorise the loops over them even where they may not speculate float operations (AVX2).
+BSAM_HD float choose(bool cond, float a, float b) {
+  const uint32_t mask = 0u - static_cast<uint32_t>(cond);
+  return bits_to_float((float_to_bits(a) & mask) | (float_to_bits(b) & ~mask));
+}
+BSAM_HD float negate_if(bool cond, float x) {
+  return bits_to_float(float_to_bits(x) ^ (static_cast<uint32_t>(cond) << 31));
+}
+
 // u in (0, 1), exactly ((x >> 9) + 0.5) * 2^-23.
 BSAM_HD float uniform_open01(uint32_t x) {
-  return (static_cast<float>(x >> 9) + 0.5f) * 1.1920928955078125e-07f;
+  // x >> 9 < 2^23 converts exactly; as a signed int, which SIMD units convert directly.
+  return (static_cast<float>(static_cast<int32_t>(x >> 9)) + 0.5f) * 1.1920928955078125e-07f;
 }
 
 // Natural log of a positive normal float (Cephes logf). Selects instead of branches, so
@@ -77,9 +99,9 @@ BSAM_HD float cephes_logf(float u) {
   const uint32_t bits = float_to_bits(u);
   const float m = bits_to_float((bits & 0x007FFFFFu) | 0x3F000000u);  // u = m * 2^e
   const bool small = m < 0.707106781186547524f;
-  const int e = static_cast<int>((bits >> 23) & 0xFFu) - 126 - (small ? 1 : 0);
+  const int e = static_cast<int>((bits >> 23) & 0xFFu) - 126 - static_cast<int>(small);
   const float fe = static_cast<float>(e);
-  float x = (small ? m + m : m) - 1.0f;
+  float x = choose(small, m + m, m) - 1.0f;
   const float z = x * x;
   float y = 7.0376836292e-2f;
   y = y * x + -1.1514610310e-1f;
@@ -113,9 +135,8 @@ BSAM_HD SinCos sincos_2pi(float u) {
   // angle = quadrant * pi/2 + x: odd quadrants swap sin and cos; signs flip by quadrant.
   const int quadrant = quadrant_index & 3;
   const bool swap = (quadrant & 1) != 0;
-  const float sin_sign = (quadrant & 2) ? -1.0f : 1.0f;
-  const float cos_sign = ((quadrant + 1) & 2) ? -1.0f : 1.0f;
-  return SinCos{(swap ? c : s) * sin_sign, (swap ? s : c) * cos_sign};
+  return SinCos{negate_if((quadrant & 2) != 0, choose(swap, c, s)),
+                negate_if(((quadrant + 1) & 2) != 0, choose(swap, s, c))};
 }
 
 // sqrt(-2 log u): the Box-Muller radius (sqrtf is IEEE-exact everywhere).
@@ -139,7 +160,7 @@ BSAM_HD void normal4(uint64_t seed, uint64_t offset, uint64_t block, float out[4
 
 // ---------------------------------------------------------------- the update, per element
 // Each line as in bsam_fast/backends/reference.py, with the same order of operations. T is the
-// arithmetic type: float or double, or a SIMD vector of them on the CPU (bsam_cpu.cpp
+// arithmetic type: float or double, or a SIMD vector of them on the CPU (cpu/kernels.cpp
 // declares sqrt_of/abs_of for at::vec::Vectorized before including this header).
 BSAM_HD float sqrt_of(float x) { return sqrtf(x); }
 BSAM_HD double sqrt_of(double x) { return sqrt(x); }
@@ -182,4 +203,7 @@ BSAM_HD uint32_t non_finite(double x) {
   return (bits & 0x7FF0000000000000ull) == 0x7FF0000000000000ull;
 }
 
+#ifdef BSAM_MATH_VARIANT
+}  // namespace CPU_CAPABILITY
+#endif
 }  // namespace bsam

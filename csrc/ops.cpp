@@ -2,7 +2,7 @@
 //
 // Each op is one phase of a bSAM step over a whole list of tensors (one device, one
 // dtype); mutated arguments are marked (a!). Implementations are registered per dispatch
-// key beside their kernels: csrc/cpu/bsam_cpu.cpp (CPU), csrc/cuda/bsam_cuda.cu (CUDA).
+// key beside their kernels: csrc/cpu/bsam_cpu.cpp (CPU, loops in kernels.cpp), csrc/cuda/bsam_cuda.cu (CUDA).
 // The Python wrappers and fake (meta) implementations are in bsam_fast/_ops.py.
 #include <torch/library.h>
 

@@ -192,3 +192,71 @@ def test_package_works_without_the_extension():
         subprocess.run([sys.executable, "-c", "import sys; sys.modules['bsam_fast._C'] = None\n"
                         "import torch, bsam_fast\nbsam_fast.BSAM([torch.nn.Parameter(torch.ones(2))], "
                         "lr=0.1, num_data=1, backend='cpu')"], check=True, capture_output=True)
+
+
+# The ops once on every instruction set: each dtype, each flag of each op, odd sizes and one
+# over a chunk. Runs in a subprocess per set (ATen reads ATEN_CPU_CAPABILITY once).
+_ALL_OPS_SCRIPT = r"""
+import sys, numpy, torch
+from bsam_fast import _C
+ops = torch.ops.bsam_fast
+sizes = [1, 5, 17, 255, 70001]
+bases = [0]
+for n in sizes[:-1]:
+    bases.append(bases[-1] + (n + 3) // 4 * 4)
+rng = numpy.random.default_rng(0)   # not torch's generators: they draw differently per set
+def make(dtype, positive=False):
+    return [torch.from_numpy(rng.random(n) + 0.5 if positive else rng.standard_normal(n)).to(dtype)
+            for n in sizes]
+out = {"kernels": _C.cpu_kernels, "aten": torch.backends.cpu.get_cpu_capability()}
+for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+    op = torch.float64 if dtype == torch.float64 else torch.float32
+    p, w, s, u, gm = make(dtype), make(op), make(op, True), make(op, True), make(op)
+    grads, noise, flag = make(dtype), make(op), torch.zeros(1)
+    for load_mean in (True, False):
+        ops.sample_(p, w, s, bases, 60000.0, 12345, 3, load_mean, None)
+    ops.sample_(p, w, s, bases, 600.0, 1, 0, False, noise)
+    for first in (True, False):
+        ops.perturb_(p, grads, w, s, u, 0.05, torch.tensor([0.5]), first, flag)
+    for write_mean in (False, True):
+        ops.update_(p, w, gm, s, grads, u, None, 0.5, 0.5, 0.1, 0.9, 0.999, 1e-3, 0.1, write_mean)
+    grads[-1][70000] = float("nan")
+    ops.check_finite_(grads, flag)
+    out[str(dtype)] = dict(p=p, w=w, s=s, u=u, gm=gm, flag=flag)
+z = [torch.empty(n) for n in sizes]
+ops.normal_(z, bases, 7, 2)
+out["normal"] = z
+torch.save(out, sys.argv[1])
+"""
+
+
+def test_every_instruction_set_gives_the_same_bits(tmp_path):
+    """The kernels are built once per instruction set (kernels.h) and chosen at run time:
+    the choice follows ATen's (ATEN_CPU_CAPABILITY), and every copy gives the same bits."""
+    import os
+    import platform
+    results = {}
+    for capability in ("default", "avx2", "avx512"):
+        path = tmp_path / f"{capability}.pt"
+        env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+        subprocess.run([sys.executable, "-c", _ALL_OPS_SCRIPT, str(path)], env=env, check=True)
+        out = torch.load(path)
+        aten, kernels = out.pop("aten"), out.pop("kernels")
+        if not kernels.startswith("march=") and platform.machine().lower() in ("x86_64", "amd64"):
+            assert kernels == aten, f"ATen runs {aten} but the kernels chose {kernels}"
+        results[kernels] = out
+    if len(results) < 2:
+        pytest.skip(f"only one set of kernels runs here: {list(results)}")
+    first, *others = results
+    for other in others:
+        a, b = results[first], results[other]
+        for key in a:
+            if key == "normal":
+                pairs = [("normal", x, y) for x, y in zip(a[key], b[key])]
+            else:
+                pairs = [(f"{key} {name}", x, y) for name in a[key]
+                         for x, y in zip(*(([a[key][name]], [b[key][name]]) if name == "flag"
+                                           else (a[key][name], b[key][name])))]
+            for what, x, y in pairs:
+                assert torch.equal(x, y), f"{first} and {other} differ in {what}"
+        assert all(bool(results[k]["torch.float32"]["flag"]) for k in results)
