@@ -1,12 +1,13 @@
 """``step_batched``: a bSAM step of m parts whose forward and backward passes run batched.
 
 ``BSAM.step_parts`` runs the m parts one after another: 2m forward/backward passes of
-batch/m examples each. Here the m noisy points are made first (the noise stream's draws
-for the next m ``sample_noise()`` calls, so the same noise as ``step_parts``), their
-gradients come from one ``torch.func.vmap`` over a leading parts dimension of the
-parameters and of the batch, then the m perturbed points and their gradients likewise;
-the optimizer's own phases then make the step from those gradients (the same kernels and
-the same update as ``step_parts``)::
+batch/m examples each. Here the optimizer's phases run once for all parts, on stacks
+(m, *shape) beside the parameters (which keep the mean): the m noisy points (the noise
+stream's draws for the next m ``sample_noise()`` calls, so the same noise as
+``step_parts``), their gradients from one ``torch.func.vmap`` over the parts dimension of
+the stacks and of the batch, then the m perturbed points and their gradients likewise,
+and the update from the sum of those. The backend's own kernels write each part's slice
+of the stacks, so the arithmetic is ``step_parts``'::
 
     loss = step_batched(opt, model, F.cross_entropy, x, y, m=8)
 
@@ -22,9 +23,12 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from . import _ops
-from .noise import normal_like
+from dataclasses import replace
+
+from . import phases
+from ._checks import check_noise
 from .optimizer import BSAM
+from .step_state import NOISY, PERTURBED
 
 
 def _check(opt: BSAM, model: nn.Module, inputs: Tensor, m: int) -> list[tuple[str, Tensor]]:
@@ -33,6 +37,8 @@ def _check(opt: BSAM, model: nn.Module, inputs: Tensor, m: int) -> list[tuple[st
         raise ValueError(f"Invalid m: {m!r} (must be an integer >= 1)")
     if opt.in_step:
         raise RuntimeError("step_batched() called inside a step begun with sample_noise()")
+    if opt._capturable:
+        raise ValueError("step_batched does not drive a capturable BSAM; use step_parts or the phase API")
     if opt._group is not None or opt._shard_group is not None:
         raise ValueError("step_batched does not drive a distributed BSAM (vmap's gradients bypass DDP's and "
                          "FSDP2's reductions); use ddp_step or the phase API")
@@ -71,15 +77,65 @@ def _check_every_parameter_used(model, names, params, loss_fn, x, y) -> None:
                          "parameters out of the step): freeze them (requires_grad_(False)) or use step_parts")
 
 
-def _stream_noise(opt: BSAM, params: list[Tensor], m: int) -> list[list[Tensor]]:
-    """The noise the next m sample_noise() calls would draw from the optimizer's stream."""
-    bases = [opt._noise_base[p] for p in params]
-    key, offset = opt._noise_key, opt.noise_offset
-    devices = {p.device for p in params}
-    if len(devices) == 1 and _ops.has_kernel(params[0].device.type) and all(b % 4 == 0 for b in bases):
-        return [_ops.normal(params, bases, key, offset + k) for k in range(m)]
-    return [[normal_like([p], [b], key, offset + k, dtype=torch.float32)[0] for p, b in zip(params, bases)]
-            for k in range(m)]
+def _part_work(work: list, stacks: dict[int, Tensor], k: int) -> list:
+    """The step's buckets, writing into part k of the stacks instead of the parameters
+    (which keep the mean). No table key: what a backend keeps for a bucket is for its own
+    lists."""
+    return [(group, [replace(b, params=[stacks[id(p)][k] for p in b.params], table_key=None) for b in buckets])
+            for group, buckets in work]
+
+
+@torch.no_grad()
+def _sample_parts(opt: BSAM, m: int, noise: Optional[Sequence[Sequence[Tensor]]]) -> dict[int, Tensor]:
+    """Phase 1 for all m parts: the noisy points w + xi_k / sqrt(N s), k = 1..m, in stacks
+    (m, *shape) beside the parameters, which keep the mean; xi_k the stream's draws for the
+    next m parts (as m sample_noise() calls take them), or noise[k]."""
+    st = opt._state
+    opt._begin_step()
+    try:
+        for _, buckets in st.sampled:             # the step's mean (sample_noise's load_mean)
+            for b in buckets:
+                if not b.master_mean:
+                    torch._foreach_copy_(b.means, b.params)
+    except BaseException:
+        st.begin()
+        raise
+    if noise is not None:
+        every = opt._params()
+        noise = [dict(zip(map(id, every), check_noise(part, every))) for part in noise]
+    stacks = {id(p): torch.empty((m, *p.shape), dtype=p.dtype, device=p.device)
+              for _, buckets in st.sampled for b in buckets for p in b.params}
+    try:
+        for k in range(m):
+            phases.sample(opt._backend, _part_work(st.sampled, stacks, k), opt._noise_key, st.offset,
+                          None if noise is None else noise[k], first_part=False, offset_tensor=None)
+            st.advance_noise()
+    except BaseException:
+        opt.cancel_step()
+        raise
+    st.phase = NOISY
+    return stacks
+
+
+@torch.no_grad()
+def _perturb_parts(opt: BSAM, m: int, noisy_grads: dict[int, Tensor]) -> dict[int, Tensor]:
+    """Phase 2 for all m parts: u = sum_k sqrt(s)|g_k| (summed in the order step_parts sums
+    it) and the perturbed points w + rho g_k / s in stacks, from the stacked noisy
+    gradients. The step is then where step_parts' is before its last backward."""
+    st = opt._state
+    stacks = {i: torch.empty_like(g) for i, g in noisy_grads.items()}
+    try:
+        for k in range(m):
+            grads = [[[noisy_grads[id(p)][k] for p in b.owners] for b in buckets] for _, buckets in st.sampled]
+            phases.perturb(opt._backend, _part_work(st.sampled, stacks, k), grads, None, k == 0,
+                           lambda device: st.found_flag("noisy", device))
+    except BaseException:
+        opt.cancel_step()
+        raise
+    # Every trainable parameter has its gradients (checked before the step).
+    st.active, st.active_work, st.idle_work = [gp.params for gp in st.plan.groups], st.sampled, []
+    st.parts, st.phase = m, PERTURBED
+    return stacks
 
 
 def step_batched(opt: BSAM, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], inputs: Tensor,
@@ -95,17 +151,6 @@ def step_batched(opt: BSAM, model: nn.Module, loss_fn: Callable[[Tensor, Tensor]
     if noise is not None and len(noise) != m:
         raise ValueError(f"noise: expected one list per part (m={m}), got {len(noise)}")
     _check_every_parameter_used(model, names, params, loss_fn, inputs, targets)
-    # noise: per part, one tensor per parameter of the optimizer (frozen ones included, as
-    # sample_noise takes it); the trainable ones' are used here.
-    every = [p for g in opt.param_groups for p in g["params"]]
-    if noise is None:
-        drawn = _stream_noise(opt, params, m)
-        by_id = [dict(zip(map(id, params), part)) for part in drawn]
-        noise = [[part[id(p)] if p.requires_grad else torch.zeros_like(p) for p in every]
-                 for part in by_id]
-    position = {id(p): i for i, p in enumerate(every)}
-    noise = [list(part) for part in noise]
-    xi = [[part[position[id(p)]] for p in params] for part in noise]
     buffers = dict(model.named_buffers())
     x_parts = inputs.reshape(m, len(inputs) // m, *inputs.shape[1:])
     y_parts = targets.reshape(m, len(targets) // m, *targets.shape[1:])
@@ -114,37 +159,23 @@ def step_batched(opt: BSAM, model: nn.Module, loss_fn: Callable[[Tensor, Tensor]
         return loss_fn(functional_call(model, {**buffers, **dict(zip(names, values))}, (x,)), y)
     grads_of = vmap(grad_and_value(part_loss))
 
-    groups = {id(p): g for g in opt.param_groups for p in g["params"]}
-    with torch.no_grad():
-        s = [opt.state[p]["precision"] for p in params]
-        n = [groups[id(p)]["num_data"] for p in params]
-        rho = [groups[id(p)]["rho"] for p in params]
-        # theta_k = w + xi_k / sqrt(N s) for all k at once (one pass over the m copies)
-        noisy = [torch.addcmul(w, torch.stack([x[i] for x in xi]).to(w.dtype), torch.sqrt(n_i * s_i).reciprocal())
-                 for i, (w, s_i, n_i) in enumerate(zip(params, s, n))]
-    try:
-        g_noisy, _ = grads_of(noisy, x_parts, y_parts)
-        with torch.no_grad():      # w + rho g_k / s
-            perturbed = [torch.addcmul(w, g, r / s_i) for w, g, s_i, r in zip(params, g_noisy, s, rho)]
-        g_perturbed, losses = grads_of(perturbed, x_parts, y_parts)
-        with torch.no_grad():      # the update reads only the sum of the perturbed gradients
-            g_perturbed = [h.sum(0) for h in g_perturbed]
-    except RuntimeError as exc:
-        raise RuntimeError(f"step_batched: vmap could not batch this model's parts ({exc}); use "
-                           "step_parts for it") from exc
-    # The step itself, from these gradients: the optimizer's phases, part by part (each
-    # part's noisy gradient sets its u and perturbation); .grad holds the sum of the
-    # perturbed gradients from the first part on (banked and handed back by the phases).
+    def gradients_at(stacks: dict[int, Tensor]) -> tuple[list[Tensor], Tensor]:
+        try:
+            grads, losses = grads_of([stacks[id(p)] for p in params], x_parts, y_parts)
+        except RuntimeError as exc:
+            raise RuntimeError(f"step_batched: vmap could not batch this model's parts ({exc}); use "
+                               "step_parts for it") from exc
+        return [g.contiguous() for g in grads], losses
+
     opt.zero_grad()
+    noisy = _sample_parts(opt, m, noise)
     try:
-        for k in range(m):
-            opt.sample_noise(noise=noise[k])
-            for p, g in zip(params, g_noisy):
-                p.grad = g[k]
-            opt.perturb()
-            if k == 0:
-                for p, h in zip(params, g_perturbed):
-                    p.grad = h
+        g_noisy, _ = gradients_at(noisy)
+        perturbed = _perturb_parts(opt, m, {id(p): g for p, g in zip(params, g_noisy)})
+        g_perturbed, losses = gradients_at(perturbed)
+        with torch.no_grad():      # the update reads only the sum of the perturbed gradients
+            for p, h in zip(params, g_perturbed):
+                p.grad = h.sum(0)
     except BaseException:
         opt.cancel_step()
         raise

@@ -204,18 +204,7 @@ class BSAM(Optimizer):
                 raise
             st.banked = gradients.take(st.active)
         else:
-            update.report_device_skip(self._state)
-            # Hyperparameters written into param_groups since (schedulers, users) are checked
-            # here, before the step changes anything (tensor values unread: no host sync).
-            for group in self.param_groups:
-                check_hyperparameters(group, read_tensors=False)
-            self._drop_stale_gradients()
-            st.begin()
-            # Frozen parameters (requires_grad=False) are not part of the posterior: no
-            # noise, no state, left as they are.
-            plan = self._current_plan()
-            st.plan = plan
-            st.sampled = [(g, gp.buckets) for g, gp in zip(self.param_groups, plan.groups)]
+            self._begin_step()
         try:
             phases.sample(self._backend, st.sampled, self._noise_key, st.offset, noise, first_part,
                           st.offset_tensor if self._capturable else None)
@@ -229,6 +218,22 @@ class BSAM(Optimizer):
             raise
         st.advance_noise()
         st.phase = NOISY
+
+    def _begin_step(self) -> None:
+        """The start of a step (sample_noise's first part, func.step_batched): nothing changes
+        before the checks pass; then the step's plan and its work."""
+        st = self._state
+        update.report_device_skip(st)
+        # Hyperparameters written into param_groups since (schedulers, users) are checked
+        # here, before the step changes anything (tensor values unread: no host sync).
+        for group in self.param_groups:
+            check_hyperparameters(group, read_tensors=False)
+        self._drop_stale_gradients()
+        st.begin()
+        # Frozen parameters (requires_grad=False) are not part of the posterior: no
+        # noise, no state, left as they are.
+        st.plan = self._current_plan()
+        st.sampled = [(g, gp.buckets) for g, gp in zip(self.param_groups, st.plan.groups)]
 
     @_eager
     @torch.no_grad()

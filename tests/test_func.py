@@ -83,6 +83,9 @@ def test_refusals_name_the_problem_and_change_nothing():
     other = torch.nn.Linear(3, 3)
     with pytest.raises(ValueError, match="exactly the optimizer's"):
         step_batched(opt, other, F.cross_entropy, x, y, 2)
+    with pytest.raises(ValueError, match="capturable"):
+        step_batched(BSAM(model.parameters(), lr=0.1, num_data=10, capturable=True), model, F.cross_entropy,
+                     x, y, 2)
     bn = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10), torch.nn.BatchNorm1d(10))
     with pytest.raises(ValueError, match="BatchNorm"):
         step_batched(BSAM(bn.parameters(), lr=0.1, num_data=10), bn, F.cross_entropy, x, y, 2)
@@ -120,3 +123,44 @@ def test_an_unused_parameter_is_refused_and_a_frozen_one_left_alone():
     step_batched(opt_batched, twin, F.cross_entropy, x, y, 2)
     for p, q in zip(model.parameters(), twin.parameters()):
         assert torch.linalg.vector_norm(p - q) <= 1e-12 * torch.linalg.vector_norm(p)
+
+
+def test_a_failure_mid_step_leaves_the_mean_and_the_state(backend):
+    """The loss fails on the perturbed pass (after both batched phases ran on the stacks):
+    the parameters are the mean, the state is untouched, and the next step is step_parts'."""
+    x, y, (model, twin), (opt, opt_batched) = _pair("mlp", torch.float32, backend)
+    _sequential(model, opt, x, y, 2)
+    step_batched(opt_batched, twin, F.cross_entropy, x, y, 2)
+    before = copy.deepcopy(opt_batched.state_dict()), [q.detach().clone() for q in twin.parameters()]
+    calls = []
+
+    def failing_loss(out, target):
+        calls.append(1)
+        if len(calls) > 2:            # the usage check, the noisy pass, then the perturbed pass
+            raise RuntimeError("a failing loss")
+        return F.cross_entropy(out, target)
+    with pytest.raises(RuntimeError, match="a failing loss"):
+        step_batched(opt_batched, twin, failing_loss, x, y, 2)
+    assert not opt_batched.in_step
+    assert all(torch.equal(a, q) for a, q in zip(before[1], twin.parameters()))
+    after = opt_batched.state_dict()["state"]
+    for i, st in before[0]["state"].items():
+        for key in ("momentum", "precision"):
+            assert torch.equal(st[key], after[i][key])
+
+
+def test_a_non_finite_noisy_gradient_changes_nothing():
+    x, y, (model, _), (opt, _) = _pair("mlp", torch.float32, "foreach")
+    step_batched(opt, model, F.cross_entropy, x, y, 2)
+    before = [p.detach().clone() for p in model.parameters()]
+    state = [{k: v.clone() for k, v in opt.state[p].items() if isinstance(v, torch.Tensor)}
+             for p in model.parameters()]
+    x_bad = x.clone()
+    x_bad[-1] = float("nan")           # the second part's gradients are NaN
+    with pytest.warns(RuntimeWarning, match="noisy gradient holds inf or NaN"):
+        step_batched(opt, model, F.cross_entropy, x_bad, y, 2)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    for p, st in zip(model.parameters(), state):
+        for key in ("momentum", "precision"):
+            assert torch.equal(opt.state[p][key], st[key])
+    assert opt.skipped_steps == 1
