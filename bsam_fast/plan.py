@@ -154,8 +154,12 @@ class PlanCache:
         channels_last) are checked against the backend."""
         self.refresh(param_groups, state, unstepped)
         if self.plan is None or not self.plan.is_current(param_groups):
-            for group in param_groups:
-                for p in group["params"]:
+            for g, group in enumerate(param_groups):
+                for i, p in enumerate(group["params"]):
+                    if p not in noise_base:      # its place in the noise stream is given on entry
+                        raise ValueError(f"param_groups[{g}]['params'][{i}] (shape {tuple(p.shape)}) was put "
+                                         "there directly, not given to the optimizer: pass new parameters "
+                                         "with add_param_group(), or build a new optimizer")
                     if p.requires_grad:
                         init_state(state[p], p, group["s_init"], unstepped)
                 check_backend_takes(backend, [p for p in group["params"] if p.requires_grad])

@@ -145,3 +145,25 @@ def test_non_finite_in_one_part_skips_an_m_part_step(backend):
         opt.step_parts(closure, 2)
     after = snapshot(model, opt)
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_parameter_put_into_param_groups_directly_is_refused_naming_add_param_group(backend):
+    """A parameter swapped into ``param_groups`` by hand has no place in the noise stream
+    (add_param_group gives one): the step is refused, before anything changes."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    opt = BSAM(model.parameters(), lr=0.1, num_data=10, backend=backend)
+    x, y = torch.randn(4, 3), torch.randn(4, 2)
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+    opt.step(closure)
+    model.weight = torch.nn.Parameter(torch.zeros(2, 3))
+    opt.param_groups[0]["params"][0] = model.weight
+    bias = model.bias.detach().clone()
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[0\].*add_param_group"):
+        opt.step(closure)
+    assert torch.equal(model.bias, bias) and torch.equal(model.weight, torch.zeros(2, 3)) and not opt.in_step
