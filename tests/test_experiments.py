@@ -295,3 +295,23 @@ def test_augmentation_crops_and_flips_and_scales_n():
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 3))
     trained = training.train(model, cfg, torch.randn(8, 3, 4, 4), torch.randint(0, 3, (8,)))
     assert trained.opt.param_groups[0]["num_data"] == 32
+
+
+def test_the_rho_sweep_takes_the_data_settings_and_data_factor_needs_augment(monkeypatch, capsys):
+    from bsam_fast.experiments import run
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def first_config(model, cfg, *args, **kwargs):
+        seen.append(cfg)
+        raise Stop
+    monkeypatch.setattr(run, "train", first_config)
+    with pytest.raises(Stop):
+        experiments.main(["rho", "--dataset", "digits", "--epochs", "1", "--rhos", "0.05", "--augment",
+                          "--data-factor", "2", "--batched-parts", "--no-progress"])
+    assert seen[0].augment and seen[0].data_factor == 2.0 and seen[0].batched_parts
+    with pytest.raises(SystemExit):
+        experiments.main(["rho", "--dataset", "digits", "--data-factor", "2"])
+    assert "--data-factor" in capsys.readouterr().err

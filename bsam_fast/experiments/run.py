@@ -30,7 +30,7 @@ from .baselines import SAM
 from .models import model_for
 from ..optimizer import BSAM
 from .table import LABELS, resolve_budget, run_table, write_table
-from .training import ABLATIONS, METHODS, Config, evaluate, predictive, train
+from .training import ABLATIONS, METHODS, Config, evaluate, extra_settings, predictive, train
 from .tuning import run_tune
 
 
@@ -193,7 +193,8 @@ def run_rho(args):
             torch.manual_seed(args.seed)
             model = model_for(args.model, x_tr)
             cfg = Config(method=method, epochs=args.epochs, batch=args.batch, prior_precision=args.prior_precision,
-                         seed=args.seed, backend=args.backend, hparams={"rho": rho})
+                         seed=args.seed, backend=args.backend, hparams={"rho": rho},
+                         **extra_settings(args.augment, args.data_factor, args.batched_parts))
             trained = train(model, cfg, x_tr, y_tr, progress=not args.no_progress,
                             desc=f"{LABELS[method]} rho={rho}")
             r = evaluate(trained, method, x_te, y_te, samples=args.samples, seed=args.seed)["pred"]
@@ -274,6 +275,8 @@ def main(argv=None):
     rep = sub.add_parser("report", help="rewrite table.md of a table run from its results.json")
     rep.add_argument("folder")
     args = ap.parse_args(argv)
+    if getattr(args, "data_factor", None) is not None and not args.augment:
+        ap.error("--data-factor scales N for --augment; it does nothing without it")
     if args.experiment == "report":
         text = write_table(args.folder)
         print(text)
