@@ -31,14 +31,30 @@ CUDA_SOURCES = ["csrc/cuda/bsam_cuda.cu"]
 KERNEL_SOURCE = "csrc/cpu/kernels.cpp"
 X86_KERNEL_VARIANTS = {
     "DEFAULT": [],
-    "AVX2": ["-mavx2", "-mfma", "-mf16c", "-mno-avx256-split-unaligned-load", "-mno-avx256-split-unaligned-store"],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c"],
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c", "-mprefer-vector-width=512"],
 }
+# GCC only (clang refuses them): GCC's default tuning splits unaligned 256-bit loads and
+# stores, which costs on today's processors (ATen adds the same flags).
+GCC_AVX2_FLAGS = ["-mno-avx256-split-unaligned-load", "-mno-avx256-split-unaligned-store"]
+X86 = platform.machine().lower() in ("x86_64", "amd64")
+
+
+def _cxx() -> str:
+    return (os.environ.get("CXX") or sysconfig.get_config_var("CXX") or "c++").split()[0]
 
 
 def _have_cxx() -> bool:
-    cxx = os.environ.get("CXX") or sysconfig.get_config_var("CXX") or "c++"
-    return shutil.which(cxx.split()[0]) is not None
+    return shutil.which(_cxx()) is not None
+
+
+def _cxx_is_gcc() -> bool:
+    import subprocess
+    try:
+        out = subprocess.run([_cxx(), "--version"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return False
+    return "clang" not in out.lower() and ("gcc" in out.lower() or "g++" in out.lower() or "free software" in out.lower())
 
 
 def _pip_cuda_headers_missing_from(cuda_home, torch):
@@ -104,11 +120,13 @@ def _extensions():
     define_macros = [("BSAM_TORCH_VERSION", '"' + torch.__version__ + '"')]
     arch = os.environ.get("BSAM_CPU_ARCH")
     if arch:
-        variants = {"DEFAULT": [f"-march={arch}", "-mprefer-vector-width=512"]}
+        variants = {"DEFAULT": [f"-march={arch}"] + (["-mprefer-vector-width=512"] if X86 else [])}
         define_macros.append(("BSAM_CPU_KERNELS_NAME", f'"march={arch}"'))
         cxx_flags += [f"-march={arch}"]
-    elif platform.machine().lower() in ("x86_64", "amd64"):
-        variants = X86_KERNEL_VARIANTS
+    elif X86:
+        variants = dict(X86_KERNEL_VARIANTS)
+        if _cxx_is_gcc():
+            variants["AVX2"] = variants["AVX2"] + GCC_AVX2_FLAGS
         define_macros.append(("BSAM_CPU_DISPATCH", "1"))
     else:
         variants = {"DEFAULT": []}

@@ -60,7 +60,8 @@ def warn_once_unavailable() -> None:
 def cpu_kernels() -> Optional[str]:
     """The instruction set whose CPU kernels run in this process ("AVX512", "AVX2",
     "DEFAULT", or "march=..." for a build with BSAM_CPU_ARCH), or None without kernels.
-    It follows ATen's choice, which the ATEN_CPU_CAPABILITY environment variable can lower."""
+    It follows ATen's choice, which the ATEN_CPU_CAPABILITY environment variable can set,
+    as far as the processor has the instructions."""
     if not is_loaded():
         return None
     from . import _C

@@ -11,7 +11,8 @@ of the stacks, so the arithmetic is ``step_parts``'::
 
     loss = step_batched(opt, model, F.cross_entropy, x, y, m=8)
 
-Memory: m copies of the parameters and of their gradients, twice (noisy and perturbed).
+Memory: m copies of the parameters (the noisy, then the perturbed points) and m of their
+gradients.
 Models ``vmap`` cannot batch (in-place buffer updates such as BatchNorm's running
 statistics in training mode, data-dependent control flow) are refused with a message;
 use ``step_parts`` for them.
@@ -86,10 +87,11 @@ def _part_work(work: list, stacks: dict[int, Tensor], k: int) -> list:
 
 
 @torch.no_grad()
-def _sample_parts(opt: BSAM, m: int, noise: Optional[Sequence[Sequence[Tensor]]]) -> dict[int, Tensor]:
+def _sample_parts(opt: BSAM, m: int, noise: Optional[list[dict[int, Tensor]]]) -> dict[int, Tensor]:
     """Phase 1 for all m parts: the noisy points w + xi_k / sqrt(N s), k = 1..m, in stacks
     (m, *shape) beside the parameters, which keep the mean; xi_k the stream's draws for the
-    next m parts (as m sample_noise() calls take them), or noise[k]."""
+    next m parts (as m sample_noise() calls take them), or noise[k] ({id(parameter): xi},
+    checked)."""
     st = opt._state
     opt._begin_step()
     try:
@@ -100,9 +102,6 @@ def _sample_parts(opt: BSAM, m: int, noise: Optional[Sequence[Sequence[Tensor]]]
     except BaseException:
         st.begin()
         raise
-    if noise is not None:
-        every = opt._params()
-        noise = [dict(zip(map(id, every), check_noise(part, every))) for part in noise]
     stacks = {id(p): torch.empty((m, *p.shape), dtype=p.dtype, device=p.device)
               for _, buckets in st.sampled for b in buckets for p in b.params}
     try:
@@ -118,24 +117,24 @@ def _sample_parts(opt: BSAM, m: int, noise: Optional[Sequence[Sequence[Tensor]]]
 
 
 @torch.no_grad()
-def _perturb_parts(opt: BSAM, m: int, noisy_grads: dict[int, Tensor]) -> dict[int, Tensor]:
+def _perturb_parts(opt: BSAM, m: int, noisy_grads: dict[int, Tensor], stacks: dict[int, Tensor]) -> None:
     """Phase 2 for all m parts: u = sum_k sqrt(s)|g_k| (summed in the order step_parts sums
-    it) and the perturbed points w + rho g_k / s in stacks, from the stacked noisy
-    gradients. The step is then where step_parts' is before its last backward."""
+    it) and the perturbed points w + rho g_k / s, written over the noisy points in `stacks`
+    (the kernels do not read them), from the stacked noisy gradients (vmap's: the
+    parameters' dtype, device and shape, contiguous). The step is then where step_parts'
+    is before its last backward."""
     st = opt._state
-    stacks = {i: torch.empty_like(g) for i, g in noisy_grads.items()}
     try:
         for k in range(m):
             grads = [[[noisy_grads[id(p)][k] for p in b.owners] for b in buckets] for _, buckets in st.sampled]
             phases.perturb(opt._backend, _part_work(st.sampled, stacks, k), grads, None, k == 0,
-                           lambda device: st.found_flag("noisy", device))
+                           lambda device: st.found_flag("noisy", device), checked=True)
     except BaseException:
         opt.cancel_step()
         raise
     # Every trainable parameter has its gradients (checked before the step).
     st.active, st.active_work, st.idle_work = [gp.params for gp in st.plan.groups], st.sampled, []
     st.parts, st.phase = m, PERTURBED
-    return stacks
 
 
 def step_batched(opt: BSAM, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], inputs: Tensor,
@@ -148,8 +147,11 @@ def step_batched(opt: BSAM, model: nn.Module, loss_fn: Callable[[Tensor, Tensor]
     from torch.func import functional_call, grad_and_value, vmap
     named = _check(opt, model, inputs, m)
     names, params = [n for n, _ in named], [p for _, p in named]
-    if noise is not None and len(noise) != m:
-        raise ValueError(f"noise: expected one list per part (m={m}), got {len(noise)}")
+    if noise is not None:
+        if len(noise) != m:
+            raise ValueError(f"noise: expected one list per part (m={m}), got {len(noise)}")
+        every = opt._params()
+        noise = [dict(zip(map(id, every), check_noise(part, every))) for part in noise]
     _check_every_parameter_used(model, names, params, loss_fn, inputs, targets)
     buffers = dict(model.named_buffers())
     x_parts = inputs.reshape(m, len(inputs) // m, *inputs.shape[1:])
@@ -168,11 +170,12 @@ def step_batched(opt: BSAM, model: nn.Module, loss_fn: Callable[[Tensor, Tensor]
         return [g.contiguous() for g in grads], losses
 
     opt.zero_grad()
-    noisy = _sample_parts(opt, m, noise)
+    points = _sample_parts(opt, m, noise)
     try:
-        g_noisy, _ = gradients_at(noisy)
-        perturbed = _perturb_parts(opt, m, {id(p): g for p, g in zip(params, g_noisy)})
-        g_perturbed, losses = gradients_at(perturbed)
+        g_noisy, _ = gradients_at(points)
+        _perturb_parts(opt, m, {id(p): g for p, g in zip(params, g_noisy)}, points)
+        del g_noisy                # at most m copies of the parameters and m of their gradients
+        g_perturbed, losses = gradients_at(points)
         with torch.no_grad():      # the update reads only the sum of the perturbed gradients
             for p, h in zip(params, g_perturbed):
                 p.grad = h.sum(0)

@@ -124,14 +124,19 @@ def sample(backend: Backend, work: Work, key: int, offset: int, noise: Optional[
 
 
 def perturb(backend: Backend, work: Work, grads: list[list[list[Tensor]]], inv_scale: Optional[Tensor],
-            first_part: bool, found_noisy: FlagOf) -> None:
-    """Phase 2: u (+)= sqrt(s)|g|, parameters := w + rho g / s (g: the noisy gradients)."""
+            first_part: bool, found_noisy: FlagOf, checked: bool = False) -> None:
+    """Phase 2: u (+)= sqrt(s)|g|, parameters := w + rho g / s (g: the noisy gradients;
+    checked: they are not the owners' .grad but tensors the caller made to fit, so an error
+    is the backend's own)."""
     for (group, buckets), group_grads in zip(work, grads):
         rho = scalar(group["rho"])
         for b, g in zip(buckets, group_grads):
             scale = None if inv_scale is None else inv_scale.to(b.device)
             flag = found_noisy(b.device)
-            _accepted(backend, lambda gs: backend.perturb(b, gs, rho, scale, first_part, flag), b, g)
+            if checked:
+                backend.perturb(b, g, rho, scale, first_part, flag)
+            else:
+                _accepted(backend, lambda gs: backend.perturb(b, gs, rho, scale, first_part, flag), b, g)
 
 
 def check_finite(backend: Backend, work: Work, grads: list[list[list[Tensor]]],

@@ -83,6 +83,8 @@ def test_refusals_name_the_problem_and_change_nothing():
     other = torch.nn.Linear(3, 3)
     with pytest.raises(ValueError, match="exactly the optimizer's"):
         step_batched(opt, other, F.cross_entropy, x, y, 2)
+    with pytest.raises(ValueError, match="noise"):          # refused before the step begins
+        step_batched(opt, model, F.cross_entropy, x, y, 2, noise=[[torch.ones(1)], [torch.ones(1)]])
     with pytest.raises(ValueError, match="capturable"):
         step_batched(BSAM(model.parameters(), lr=0.1, num_data=10, capturable=True), model, F.cross_entropy,
                      x, y, 2)
@@ -127,7 +129,7 @@ def test_an_unused_parameter_is_refused_and_a_frozen_one_left_alone():
 
 def test_a_failure_mid_step_leaves_the_mean_and_the_state(backend):
     """The loss fails on the perturbed pass (after both batched phases ran on the stacks):
-    the parameters are the mean, the state is untouched, and the next step is step_parts'."""
+    the optimizer is idle again, the parameters are the mean and the state is untouched."""
     x, y, (model, twin), (opt, opt_batched) = _pair("mlp", torch.float32, backend)
     _sequential(model, opt, x, y, 2)
     step_batched(opt_batched, twin, F.cross_entropy, x, y, 2)
@@ -139,9 +141,10 @@ def test_a_failure_mid_step_leaves_the_mean_and_the_state(backend):
         if len(calls) > 2:            # the usage check, the noisy pass, then the perturbed pass
             raise RuntimeError("a failing loss")
         return F.cross_entropy(out, target)
+    offset = opt_batched.noise_offset
     with pytest.raises(RuntimeError, match="a failing loss"):
         step_batched(opt_batched, twin, failing_loss, x, y, 2)
-    assert not opt_batched.in_step
+    assert not opt_batched.in_step and opt_batched.noise_offset == offset + 2   # draws taken stay taken
     assert all(torch.equal(a, q) for a, q in zip(before[1], twin.parameters()))
     after = opt_batched.state_dict()["state"]
     for i, st in before[0]["state"].items():
@@ -149,8 +152,8 @@ def test_a_failure_mid_step_leaves_the_mean_and_the_state(backend):
             assert torch.equal(st[key], after[i][key])
 
 
-def test_a_non_finite_noisy_gradient_changes_nothing():
-    x, y, (model, _), (opt, _) = _pair("mlp", torch.float32, "foreach")
+def test_a_non_finite_noisy_gradient_changes_nothing(backend):
+    x, y, (model, _), (opt, _) = _pair("mlp", torch.float32, backend)
     step_batched(opt, model, F.cross_entropy, x, y, 2)
     before = [p.detach().clone() for p in model.parameters()]
     state = [{k: v.clone() for k, v in opt.state[p].items() if isinstance(v, torch.Tensor)}
@@ -164,3 +167,14 @@ def test_a_non_finite_noisy_gradient_changes_nothing():
         for key in ("momentum", "precision"):
             assert torch.equal(opt.state[p][key], st[key])
     assert opt.skipped_steps == 1
+
+
+def test_a_backend_error_in_the_batched_perturb_is_raised_as_it_is(monkeypatch):
+    x, y, (model, _), (opt, _) = _pair("mlp", torch.float32, "foreach")
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("a failing kernel")
+    monkeypatch.setattr(opt._backend, "perturb", failing)
+    with pytest.raises(RuntimeError, match="a failing kernel"):
+        step_batched(opt, model, F.cross_entropy, x, y, 2)
+    assert not opt.in_step

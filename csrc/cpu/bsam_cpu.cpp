@@ -29,13 +29,26 @@ inline namespace AVX2 { extern const ChunkKernels chunk_kernels; }
 inline namespace AVX512 { extern const ChunkKernels chunk_kernels; }
 #endif
 
+#ifdef BSAM_CPU_DISPATCH
+// What each copy's flags (setup.py, CMakeLists.txt) let the compiler use. ATen takes
+// ATEN_CPU_CAPABILITY as it is given, even above what the processor has; we do not.
+bool processor_runs_avx2() {
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
+bool processor_runs_avx512() {
+  return processor_runs_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+}
+#endif
+
 const ChunkKernels& cpu_kernels() {
   static const ChunkKernels& chosen = []() -> const ChunkKernels& {
 #ifdef BSAM_CPU_DISPATCH
-    // ATen's own choice: the best set the processor has, or ATEN_CPU_CAPABILITY.
+    // ATen's own choice (the best set the processor has, or ATEN_CPU_CAPABILITY), as far
+    // as the processor has it.
     const std::string capability = at::get_cpu_capability();
-    if (capability == "AVX512") return bsam::AVX512::chunk_kernels;
-    if (capability == "AVX2") return bsam::AVX2::chunk_kernels;
+    if (capability == "AVX512" && processor_runs_avx512()) return bsam::AVX512::chunk_kernels;
+    if ((capability == "AVX512" || capability == "AVX2") && processor_runs_avx2()) return bsam::AVX2::chunk_kernels;
 #endif
     return bsam::DEFAULT::chunk_kernels;
   }();

@@ -4,7 +4,8 @@
 // the matching -m flags) set as ATen sets them for its own kernels; see kernels.h. Only
 // loops over raw pointers live here: argument checks, dtype dispatch and threading are in
 // bsam_cpu.cpp, built for the baseline. No code of this file may run before its table is
-// chosen, so there is nothing here that runs at load: the table is constant-initialised.
+// chosen: the table is constant-initialised, and the one static initialiser the headers
+// bring in (<iostream>'s) holds no vector instruction (a ctest checks both).
 //
 // Inner loops work on tiles of kTile elements with plain arithmetic from bsam_math.h, which
 // the compiler vectorises: at::vec::Vectorized for fp32/fp64 parameters, scalar loops for
