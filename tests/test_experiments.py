@@ -315,3 +315,19 @@ def test_the_rho_sweep_takes_the_data_settings_and_data_factor_needs_augment(mon
     with pytest.raises(SystemExit):
         experiments.main(["rho", "--dataset", "digits", "--data-factor", "2"])
     assert "--data-factor" in capsys.readouterr().err
+
+
+def test_the_table_says_how_many_seeds_diverged(tmp_path):
+    """A run that ends no better than a uniform prediction (final test NLL at the mean not
+    finite, or at least log(classes)) is counted and named in table.md."""
+    from bsam_fast.experiments.table import diverged_seeds, write_table
+    assert diverged_seeds([[0.3, 0.1], [0.2, float("nan")], [0.2, 2.31], [0.2, 2.0]], 10) == 2
+    assert diverged_seeds([[0.2, 2.31]], None) == 0
+    stat = {"mean": 0.5, "std": 0.1}
+    result = {"pred": {k: stat for k in ("accuracy", "nll", "ece", "auroc", "brier")}, "ms_per_step": stat,
+              "samples": {}, "curve_test_nll_at_mean": [[0.3, 0.1], [0.4, 30.0], [0.4, float("inf")]]}
+    args = {"dataset": "digits", "model": "mlp", "epochs": 2, "warmup_epochs": 0, "batch": 8, "seeds": [0, 1, 2],
+            "samples": 2}
+    (tmp_path / "results.json").write_text(json.dumps({"args": args, "num_classes": 10,
+                                                       "results": {"sgd": result}}))
+    assert "| SGD (diverged: 2 of 3 seeds) |" in write_table(str(tmp_path))

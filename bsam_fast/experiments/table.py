@@ -14,6 +14,7 @@ import json
 import math
 import os
 import time
+from typing import Optional
 
 import torch
 
@@ -158,7 +159,8 @@ def run_table(args) -> dict:
               f"({record['ms_per_step']:.1f} ms/step)" + (" (finished before)" if cached else ""), flush=True)
     results = {m: _summary(hp, [records[m, s] for s in args.seeds]) for m, hp in choices.items()}
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"args": vars(args), "train_examples": len(x_tr), "results": results}, f, indent=1)
+        json.dump({"args": vars(args), "train_examples": len(x_tr), "num_classes": int(y_te.max()) + 1,
+                   "results": results}, f, indent=1)
     print(write_table(args.out))
     first = args.seeds[0]
     metrics.reliability_diagram_of({LABELS[m]: records[m, first]["reliability"] for m in choices},
@@ -223,7 +225,7 @@ def write_table(folder: str) -> str:
               f"{args['epochs']} epochs (warm-up {args['warmup_epochs']}), batch {args['batch']}, seeds "
               f"{args['seeds']}, {args['samples']} samples in the sampled predictives; hyperparameters "
               f"{'from ' + args['tuned'] if args.get('tuned') else 'defaults'}")
-    text = header + "\n\n" + _markdown_table(results, ood)
+    text = header + "\n\n" + _markdown_table(results, ood, saved.get("num_classes"))
     samples = {m: r["samples"] for m, r in results.items() if r.get("samples")}
     if samples:
         lines = ["| method | samples | accuracy (%) | NLL | ECE |", "|---|---|---|---|---|"]
@@ -242,7 +244,16 @@ def _cell(stat: dict, scale: float = 1.0) -> str:
     return f"{scale * stat['mean']:.{digits}f} ± {scale * stat['std']:.{digits}f}"
 
 
-def _markdown_table(results: dict, ood: bool) -> str:
+def diverged_seeds(curves: list[list[float]], num_classes: Optional[int]) -> int:
+    """How many runs ended no better than a uniform prediction: a final test NLL at the
+    mean that is not finite or at least log(classes) (a mean and std over such runs says
+    nothing about the method; the table says how many there were)."""
+    if not num_classes:
+        return 0
+    return sum(1 for c in curves if c and not (math.isfinite(c[-1]) and c[-1] < 0.99 * math.log(num_classes)))
+
+
+def _markdown_table(results: dict, ood: bool, num_classes: Optional[int] = None) -> str:
     keys = ["accuracy", "nll", "ece", "auroc", "brier"] + (["ood_auroc"] if ood else [])
     names = {"accuracy": "accuracy (%)", "nll": "NLL", "ece": "ECE", "auroc": "AUROC", "brier": "Brier",
              "ood_auroc": "OOD AUROC"}
@@ -253,6 +264,10 @@ def _markdown_table(results: dict, ood: bool) -> str:
         if method in ("bsam", "bsam_nonoise", "swag", "ivon"):
             rows.append((f"{LABELS[method]} at mean", r["mean"]))
         ms = r["ms_per_step"]
+        curves = r.get("curve_test_nll_at_mean", [])
+        bad = diverged_seeds(curves, num_classes)
+        if bad:
+            rows = [(f"{name} (diverged: {bad} of {len(curves)} seeds)", stats) for name, stats in rows]
         for name, stats in rows:
             cells = [_cell(stats[k], 100.0 if k == "accuracy" else 1.0) for k in keys]
             lines.append(f"| {name} | " + " | ".join(cells) + f" | {ms['mean']:.1f} ± {ms['std']:.1f} |")
