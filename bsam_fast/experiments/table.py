@@ -245,12 +245,15 @@ def _cell(stat: dict, scale: float = 1.0) -> str:
 
 
 def diverged_seeds(curves: list[list[float]], num_classes: Optional[int]) -> int:
-    """How many runs ended no better than a uniform prediction: a final test NLL at the
-    mean that is not finite or at least log(classes) (a mean and std over such runs says
-    nothing about the method; the table says how many there were)."""
+    """How many runs diverged: their test NLL at the mean ended not finite, or, after it had
+    been better than a uniform prediction's (log(classes)), no better than it. (A mean and
+    std over such runs says nothing about the method; the table says how many there were.
+    A run too short to beat the uniform prediction has not diverged.)"""
     if not num_classes:
         return 0
-    return sum(1 for c in curves if c and not (math.isfinite(c[-1]) and c[-1] < 0.99 * math.log(num_classes)))
+    uniform = 0.99 * math.log(num_classes)
+    return sum(1 for c in curves
+               if c and (not math.isfinite(c[-1]) or (c[-1] >= uniform and min(c) < uniform)))
 
 
 def _markdown_table(results: dict, ood: bool, num_classes: Optional[int] = None) -> str:
