@@ -19,12 +19,11 @@ use ``step_parts`` for them.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
-
-from dataclasses import replace
 
 from . import phases
 from ._checks import check_noise

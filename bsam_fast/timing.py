@@ -9,6 +9,8 @@ from typing import Callable, Optional
 
 import torch
 
+from . import _ops
+
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -48,6 +50,5 @@ def device_name(device: torch.device) -> str:
             model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    from . import _ops
-    kernels = f", {_ops.cpu_kernels()} kernels" if _ops.cpu_kernels() else ""
-    return f"{model}, {torch.get_num_threads()} threads{kernels}"
+    kernels = _ops.cpu_kernels()
+    return f"{model}, {torch.get_num_threads()} threads" + (f", {kernels} kernels" if kernels else "")

@@ -27,9 +27,8 @@ inline namespace DEFAULT { extern const ChunkKernels chunk_kernels; }
 #ifdef BSAM_CPU_DISPATCH
 inline namespace AVX2 { extern const ChunkKernels chunk_kernels; }
 inline namespace AVX512 { extern const ChunkKernels chunk_kernels; }
-#endif
 
-#ifdef BSAM_CPU_DISPATCH
+namespace {
 // What each copy's flags (setup.py, CMakeLists.txt) let the compiler use. ATen takes
 // ATEN_CPU_CAPABILITY as it is given, even above what the processor has; we do not.
 bool processor_runs_avx2() {
@@ -39,6 +38,7 @@ bool processor_runs_avx512() {
   return processor_runs_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
 }
+}  // namespace
 #endif
 
 const ChunkKernels& cpu_kernels() {
