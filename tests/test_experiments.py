@@ -332,3 +332,41 @@ def test_the_table_says_how_many_seeds_diverged(tmp_path):
     (tmp_path / "results.json").write_text(json.dumps({"args": args, "num_classes": 10,
                                                        "results": {"sgd": result}}))
     assert "| SGD (diverged: 2 of 3 seeds) |" in write_table(str(tmp_path))
+
+
+def test_a_selection_that_diverges_in_training_gives_way_to_the_best_smaller_lr(tmp_path, monkeypatch):
+    """The table checks every seed's training NLL: a diverged selection is replaced by the
+    tuner's selection among the smaller learning rates of its grid (by validation accuracy,
+    whatever its test results), its other seeds are not trained, and the table says so."""
+    from bsam_fast.experiments import table
+    lrs = (0.4, 0.2, 0.1, 0.05)
+    accuracy = {0.4: 0.97, 0.2: 0.9, 0.1: 0.95, 0.05: 0.93}
+    grid = [{"lr": lr, "prior_precision": 1.0} for lr in lrs]
+    tuned = {"protocol": {"epochs": 1, "batch": 32, "warmup_epochs": 0.0}, "grids": {"sgd": grid},
+             "trials": {"sgd": [{"hparams": c, "val": {"accuracy": accuracy[c["lr"]], "nll": 0.3}} for c in grid]
+                        + [{"hparams": {"lr": 0.3, "prior_precision": 1.0}, "val": {"accuracy": 0.99, "nll": 0.1}}]},
+             "selected": {"sgd": {"hparams": grid[0]}}}
+    path = tmp_path / "tuned.json"
+    path.write_text(json.dumps(tuned))
+    trained = []
+    real_one_run = table._one_run
+
+    def one_run(args, method, choice, seed, *rest):
+        record = real_one_run(args, method, choice, seed, *rest)
+        trained.append((choice["lr"], seed))
+        if choice["lr"] > 0.15 and seed == 1:             # lr 0.4 and 0.2 diverge in seed 1
+            record["curve_train_nll_at_mean"] = [1.0, 2.3]
+        return record
+    monkeypatch.setattr(table, "_one_run", one_run)
+    results = experiments.main(["table", "--dataset", "digits", "--train-subset", "64", "--tuned", str(path),
+                                "--seeds", "0", "1", "2", "--samples", "2", "--sample-counts", "1",
+                                "--out", str(tmp_path / "t"), "--no-progress"])
+    # 0.3 is outside the final grid; among 0.2, 0.1 and 0.05, 0.1 has the best validation accuracy
+    assert trained == [(0.4, 0), (0.4, 1), (0.1, 0), (0.1, 1), (0.1, 2)]
+    assert results["sgd"]["hparams"]["lr"] == 0.1
+    assert [r["hparams"]["lr"] for r in results["sgd"]["rejected"]] == [0.4]
+    assert results["sgd"]["rejected"][0]["seed"] == 1
+    text = (tmp_path / "t" / "table.md").read_text()
+    assert "| SGD (lr 0.1: the tuned lr 0.4 diverged in training) |" in text
+    assert table.smaller_lr_selection(tuned, "sgd", 0.1) == grid[3]
+    assert table.smaller_lr_selection(tuned, "sgd", 0.05) is None

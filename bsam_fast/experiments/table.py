@@ -4,9 +4,15 @@ defaults), trained on the whole training set with every seed, scored on the test
 Every (method, seed) run is stored as it ends (``store.RunStore`` under ``<out>/runs``), so
 an interrupted table restarted with the same arguments trains only what is missing. A run's
 record holds its metrics, bSAM's predictive for several sample counts (the paper's Table
-4), its reliability bins, and the test NLL at the mean after every epoch (the convergence
-curve). From the records: results.json, table.md (mean ± std over the seeds),
-reliability.png (first seed) and convergence.png.
+4), its reliability bins, and the NLL at the mean after every epoch on the test set (the
+convergence curve) and on a fixed sample of the training set. From the records:
+results.json, table.md (mean ± std over the seeds), reliability.png (first seed) and
+convergence.png.
+
+A tuned selection can be stable on the tuner's short budget and diverge on the table's
+longer one. A selection whose training NLL diverges in any seed (``diverged``) is therefore
+replaced by the tuner's selection among its configurations with a smaller learning rate, and
+the table says so. The rule looks at training data only, never at the test set.
 """
 from __future__ import annotations
 
@@ -23,13 +29,14 @@ from . import data
 from .models import model_for
 from .store import RunStore
 from .training import DEFAULTS, METHODS, extra_settings, evaluate, predictive, time_steps, train
-from .tuning import config_from
+from .tuning import config_from, select
 
 OOD_PARTNER = {"mnist": "fashion_mnist", "fashion_mnist": "mnist"}
 LABELS = {"sgd": "SGD", "adam": "Adam", "sam_sgd": "SAM-SGD", "sam_adam": "SAM-Adam", "bsam": "bSAM",
           "ivon": "IVON", "swag": "SWAG", "laplace": "Laplace (at SGD)", "bsam_nonoise": "bSAM without noise"}
 METRIC_KEYS = ("accuracy", "nll", "ece", "auroc", "brier", "ood_auroc")
 BUDGET_DEFAULTS = (("epochs", 5), ("batch", 128), ("warmup_epochs", 1.0))
+TRAIN_PROBE = 10_000      # training examples whose NLL is tracked (a seeded sample)
 
 
 def resolve_budget(args, protocol: dict) -> None:
@@ -54,8 +61,9 @@ def mean_std(values: list[float]) -> dict:
             "std": ok.std().item() if len(ok) > 1 else 0.0, "n": len(ok), "runs": values}
 
 
-def _choices(args) -> dict:
-    """method -> hyperparameters: the tuner's selections, or the defaults with overrides."""
+def _choices(args) -> tuple[dict, Optional[dict]]:
+    """(method -> hyperparameters, the tuner's output or None): the tuner's selections, or
+    the defaults with overrides."""
     if args.tuned:
         with open(args.tuned) as f:
             tuned = json.load(f)
@@ -69,11 +77,20 @@ def _choices(args) -> dict:
         missing = [m for m in methods if m not in tuned["selected"]]
         if missing:
             raise SystemExit(f"--tuned {args.tuned} has no selection for {', '.join(missing)}")
-        return {m: tuned["selected"][m]["hparams"] for m in methods}
+        return {m: tuned["selected"][m]["hparams"] for m in methods}, tuned
     resolve_budget(args, {})
     return {m: {"prior_precision": 10.0 if args.prior_precision is None else args.prior_precision,
                 "m": 1 if args.m is None else args.m, **_overrides(args, m)}
-            for m in (args.methods or list(METHODS))}
+            for m in (args.methods or list(METHODS))}, None
+
+
+def smaller_lr_selection(tuned: dict, method: str, lr: float) -> Optional[dict]:
+    """The tuner's selection (same rule) among the configurations of its final grid for
+    `method` whose learning rate is below `lr`; None if there are none (or no grid)."""
+    grid = {json.dumps(c, sort_keys=True) for c in tuned.get("grids", {}).get(method, [])}
+    trials = [t for t in tuned.get("trials", {}).get(method, [])
+              if json.dumps(t["hparams"], sort_keys=True) in grid and t["hparams"]["lr"] < lr * (1 - 1e-9)]
+    return select(trials, "accuracy")["hparams"] if trials else None
 
 
 def _overrides(args, method) -> dict:
@@ -90,17 +107,18 @@ def _overrides(args, method) -> dict:
     return hp
 
 
-def _one_run(args, method, choice, seed, x_tr, y_tr, x_te, y_te, x_ood) -> dict:
-    """Train one (method, seed) and score it: the record a RunStore keeps."""
+def _one_run(args, method, choice, seed, x_tr, y_tr, x_te, y_te, x_ood, probe) -> dict:
+    """Train one (method, seed) and score it: the record a RunStore keeps. `probe`: the
+    training examples whose NLL at the mean is tracked."""
     cfg = config_from(method, choice, epochs=args.epochs, batch=args.batch, seed=seed, backend=args.backend,
                       warmup_epochs=args.warmup_epochs,
                       **extra_settings(getattr(args, "augment", False), getattr(args, "data_factor", None),
                                    getattr(args, "batched_parts", False)))
-    curve = []
+    curve, train_curve = [], []
 
-    def on_epoch(epoch, model):          # test NLL at the mean: has training converged?
-        probs = torch.softmax(_logits(model, x_te), dim=1)
-        curve.append(metrics.nll(probs, y_te))
+    def on_epoch(epoch, model):          # NLL at the mean: has training converged, or diverged?
+        curve.append(metrics.nll(torch.softmax(_logits(model, x_te), dim=1), y_te))
+        train_curve.append(metrics.nll(torch.softmax(_logits(model, probe[0]), dim=1), probe[1]))
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     trained = train(model_for(args.model, x_tr), cfg, x_tr, y_tr, progress=not args.no_progress,
@@ -113,7 +131,8 @@ def _one_run(args, method, choice, seed, x_tr, y_tr, x_te, y_te, x_ood) -> dict:
     reliability = {k: v.tolist() for k, v in metrics.reliability(res["pred"]["probs"], y_te).items()}
     return {"pred": _without_probs(res["pred"]), "mean": _without_probs(res["mean"]),
             "ms_per_step": trained.ms_per_step, "samples": samples, "reliability": reliability,
-            "curve_test_nll_at_mean": curve, "seconds": time.perf_counter() - t0}
+            "curve_test_nll_at_mean": curve, "curve_train_nll_at_mean": train_curve,
+            "seconds": time.perf_counter() - t0}
 
 
 @torch.no_grad()
@@ -131,9 +150,12 @@ def _without_probs(d: dict) -> dict:
 
 def run_table(args) -> dict:
     os.makedirs(args.out, exist_ok=True)
-    choices = _choices(args)
+    choices, tuned = _choices(args)
     x_tr, y_tr = data.load_train(args.dataset, args.train_subset, args.data_root)
     x_te, y_te = data.load(args.dataset, "test", args.data_root)
+    num_classes = int(y_te.max()) + 1
+    probe_idx = torch.randperm(len(x_tr), generator=torch.Generator().manual_seed(0))[:TRAIN_PROBE]
+    probe = (x_tr[probe_idx], y_tr[probe_idx])
     x_ood = None
     if args.dataset in OOD_PARTNER:
         try:
@@ -147,19 +169,37 @@ def run_table(args) -> dict:
             "ood": x_ood is not None,
             **extra_settings(getattr(args, "augment", False), getattr(args, "data_factor", None),
                                    getattr(args, "batched_parts", False))}
-    specs = {(m, seed): {**base, "method": m, "hparams": hp, "seed": seed}
-             for m, hp in choices.items() for seed in args.seeds}
-    _announce(args, specs, store, x_tr, y_tr)
-    records = {}
-    for (method, seed), spec in specs.items():
-        record, cached = store.run(spec, lambda: _one_run(args, method, choices[method], seed, x_tr, y_tr,
-                                                          x_te, y_te, x_ood))
-        records[method, seed] = record
-        print(f"{LABELS[method]} seed {seed}: acc {record['pred']['accuracy']:.4f} nll {record['pred']['nll']:.4f} "
-              f"({record['ms_per_step']:.1f} ms/step)" + (" (finished before)" if cached else ""), flush=True)
-    results = {m: _summary(hp, [records[m, s] for s in args.seeds]) for m, hp in choices.items()}
+
+    def spec(method, seed):
+        return {**base, "method": method, "hparams": choices[method], "seed": seed}
+    _announce(args, {(m, seed): spec(m, seed) for m in choices for seed in args.seeds}, store, x_tr, y_tr)
+    records, rejected = {}, {m: [] for m in choices}
+    for method in choices:
+        while True:
+            fallback = None if tuned is None else smaller_lr_selection(tuned, method, choices[method]["lr"])
+            unstable = None
+            for seed in args.seeds:
+                record, cached = store.run(spec(method, seed), lambda: _one_run(
+                    args, method, choices[method], seed, x_tr, y_tr, x_te, y_te, x_ood, probe))
+                records[method, seed] = record
+                print(f"{LABELS[method]} seed {seed}: acc {record['pred']['accuracy']:.4f} "
+                      f"nll {record['pred']['nll']:.4f} ({record['ms_per_step']:.1f} ms/step)"
+                      + (" (finished before)" if cached else ""), flush=True)
+                if diverged(record.get("curve_train_nll_at_mean", []), num_classes):
+                    unstable = seed
+                    if fallback is not None:
+                        break
+            if unstable is None or fallback is None:
+                break
+            print(f"{LABELS[method]}: lr {choices[method]['lr']:g} diverged in training (seed {unstable}); "
+                  f"taking the tuner's selection below it, lr {fallback['lr']:g}", flush=True)
+            rejected[method].append({"hparams": choices[method], "seed": unstable, "curve_train_nll_at_mean":
+                                     records[method, unstable]["curve_train_nll_at_mean"]})
+            choices[method] = fallback
+    results = {m: {**_summary(hp, [records[m, s] for s in args.seeds]), "rejected": rejected[m]}
+               for m, hp in choices.items()}
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"args": vars(args), "train_examples": len(x_tr), "num_classes": int(y_te.max()) + 1,
+        json.dump({"args": vars(args), "train_examples": len(x_tr), "num_classes": num_classes,
                    "results": results}, f, indent=1)
     print(write_table(args.out))
     first = args.seeds[0]
@@ -190,7 +230,8 @@ def _summary(choice: dict, records: list[dict]) -> dict:
         out[kind] = {k: mean_std([r[kind][k] for r in records]) for k in METRIC_KEYS if k in records[0][kind]}
     out["samples"] = {s: {k: mean_std([r["samples"][s][k] for r in records]) for k in stats}
                       for s, stats in records[0]["samples"].items()}
-    out["curve_test_nll_at_mean"] = [r["curve_test_nll_at_mean"] for r in records]
+    for curve in ("curve_test_nll_at_mean", "curve_train_nll_at_mean"):
+        out[curve] = [r.get(curve, []) for r in records]     # (no training curve: a run from before it was kept)
     return out
 
 
@@ -244,16 +285,20 @@ def _cell(stat: dict, scale: float = 1.0) -> str:
     return f"{scale * stat['mean']:.{digits}f} ± {scale * stat['std']:.{digits}f}"
 
 
-def diverged_seeds(curves: list[list[float]], num_classes: Optional[int]) -> int:
-    """How many runs diverged: their test NLL at the mean ended not finite, or, after it had
-    been better than a uniform prediction's (log(classes)), no better than it. (A mean and
-    std over such runs says nothing about the method; the table says how many there were.
-    A run too short to beat the uniform prediction has not diverged.)"""
-    if not num_classes:
-        return 0
+def diverged(curve: list[float], num_classes: Optional[int]) -> bool:
+    """Whether a run diverged, from its NLL curve: the NLL ended not finite, or, after it
+    had been better than a uniform prediction's (log(classes)), no better than it. (A run
+    too short to beat the uniform prediction has not diverged; an empty curve says nothing.)"""
+    if not num_classes or not curve:
+        return False
     uniform = 0.99 * math.log(num_classes)
-    return sum(1 for c in curves
-               if c and (not math.isfinite(c[-1]) or (c[-1] >= uniform and min(c) < uniform)))
+    return not math.isfinite(curve[-1]) or (curve[-1] >= uniform and min(curve) < uniform)
+
+
+def diverged_seeds(curves: list[list[float]], num_classes: Optional[int]) -> int:
+    """How many runs diverged by their curves. (A mean and std over such runs says nothing
+    about the method; the table says how many there were.)"""
+    return sum(diverged(c, num_classes) for c in curves)
 
 
 def _markdown_table(results: dict, ood: bool, num_classes: Optional[int] = None) -> str:
@@ -271,6 +316,10 @@ def _markdown_table(results: dict, ood: bool, num_classes: Optional[int] = None)
         bad = diverged_seeds(curves, num_classes)
         if bad:
             rows = [(f"{name} (diverged: {bad} of {len(curves)} seeds)", stats) for name, stats in rows]
+        if r.get("rejected"):
+            tried = ", ".join(f"{x['hparams']['lr']:g}" for x in r["rejected"])
+            rows = [(f"{name} (lr {r['hparams']['lr']:g}: the tuned lr {tried} diverged in training)", stats)
+                    for name, stats in rows]
         for name, stats in rows:
             cells = [_cell(stats[k], 100.0 if k == "accuracy" else 1.0) for k in keys]
             lines.append(f"| {name} | " + " | ".join(cells) + f" | {ms['mean']:.1f} ± {ms['std']:.1f} |")
