@@ -38,7 +38,6 @@ from .experiments.tuning import config_from
 TUNED = os.path.join(os.path.dirname(__file__), "experiments", "tuned_digits_mlp.json")
 METHODS = {"adam": "Adam", "sam_adam": "SAM-Adam", "bsam": "bSAM"}
 KEYS = ("accuracy", "nll", "ece", "auroc")
-HIGHER_IS_BETTER = {"accuracy": True, "nll": False, "ece": False, "auroc": True}
 
 
 def load_digits_split(seed: int = 0):
@@ -49,27 +48,6 @@ def load_digits_split(seed: int = 0):
     x_tr, x_te = x_tr.flatten(1), x_te.flatten(1)
     mean, std = x_tr.mean(0), x_tr.std(0).clamp_min(1e-3)
     return (x_tr - mean) / std, y_tr, (x_te - mean) / std, y_te
-
-
-def compare(ours: dict, theirs: dict) -> dict:
-    """Per metric: "better", "worse" or "equal" (the means differ by no more than the sum
-    of the two standard deviations over the seeds) for `ours` against `theirs` (lists of
-    per-seed values); "undefined" if a value is not finite (an AUROC with no error)."""
-    out = {}
-    for k in KEYS:
-        a, b = torch.tensor(ours[k], dtype=torch.float64), torch.tensor(theirs[k], dtype=torch.float64)
-        if len(a) < 2 or len(b) < 2:
-            raise ValueError("compare() needs two seeds or more: with one there is no spread")
-        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-            out[k] = "undefined"
-            continue
-        spread = a.std() + b.std()
-        diff = (a.mean() - b.mean()).item()
-        if abs(diff) <= float(spread):
-            out[k] = "equal"
-        else:
-            out[k] = "better" if (diff > 0) == HIGHER_IS_BETTER[k] else "worse"
-    return out
 
 
 def max_difference(backend: str, steps: int = 5, seed: int = 0) -> tuple[str, float, float]:
@@ -201,7 +179,7 @@ def main(argv=None):
     bsam = next(n for n in runs if "BMA" in n)
     verdicts = {}
     if len(args.seeds) > 1:
-        verdicts = {other: compare(runs[bsam], runs[other]) for other in ("Adam", "SAM-Adam")}
+        verdicts = {other: metrics.compare(runs[bsam], runs[other], KEYS) for other in ("Adam", "SAM-Adam")}
         summary.append("bSAM's posterior predictive on digits, " + "; ".join(
             f"vs {other}: " + ", ".join(f"{k} {v}" for k, v in vs.items()) for other, vs in verdicts.items())
             + f" (equal: the means differ by no more than the sum of the two stds over {len(args.seeds)} seeds)")

@@ -147,3 +147,30 @@ def reliability_diagram_of(reliabilities: dict, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+HIGHER_IS_BETTER = {"accuracy": True, "nll": False, "ece": False, "auroc": True, "brier": False,
+                    "ood_auroc": True}
+
+
+def compare(ours: dict, theirs: dict, keys=("accuracy", "nll", "ece", "auroc")) -> dict:
+    """Per metric of `keys`: "better", "worse" or "equal" (the means differ by no more than
+    the sum of the two standard deviations over the seeds) for `ours` against `theirs`
+    (lists of per-seed values); "undefined" if a value is not finite (an AUROC with no
+    error, a diverged run)."""
+    out = {}
+    for k in keys:
+        a, b = torch.tensor(ours[k], dtype=torch.float64), torch.tensor(theirs[k], dtype=torch.float64)
+        if len(a) < 2 or len(b) < 2:
+            raise ValueError("compare() needs two seeds or more: with one there is no spread")
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            out[k] = "undefined"
+            continue
+        spread = a.std() + b.std()
+        diff = (a.mean() - b.mean()).item()
+        if abs(diff) <= float(spread):
+            out[k] = "equal"
+        else:
+            out[k] = "better" if (diff > 0) == HIGHER_IS_BETTER[k] else "worse"
+    return out
+

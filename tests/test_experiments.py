@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from bsam_fast import demo, experiments
+from bsam_fast import demo, experiments, metrics
 from bsam_fast.experiments.training import ABLATIONS, METHODS
 
 
@@ -187,10 +187,10 @@ def test_demo_reads_the_tuned_hyperparameters():
 
 def test_compare_calls_differences_within_the_spread_equal():
     with pytest.raises(ValueError, match="two seeds"):
-        demo.compare({k: [1.0] for k in demo.KEYS}, {k: [1.0] for k in demo.KEYS})
+        metrics.compare({k: [1.0] for k in demo.KEYS}, {k: [1.0] for k in demo.KEYS})
     ours = {"accuracy": [0.9, 0.92], "nll": [0.2, 0.2], "ece": [0.01, 0.05], "auroc": [0.9, 0.9]}
     theirs = {"accuracy": [0.8, 0.81], "nll": [0.3, 0.3], "ece": [0.02, 0.03], "auroc": [0.95, 0.95]}
-    assert demo.compare(ours, theirs) == {"accuracy": "better", "nll": "better", "ece": "equal", "auroc": "worse"}
+    assert metrics.compare(ours, theirs) == {"accuracy": "better", "nll": "better", "ece": "equal", "auroc": "worse"}
 
 
 def test_selection_ranks_diverged_runs_last():
@@ -370,3 +370,26 @@ def test_a_selection_that_diverges_in_training_gives_way_to_the_best_smaller_lr(
     assert "| SGD (lr 0.1: the tuned lr 0.4 diverged in training) |" in text
     assert table.smaller_lr_selection(tuned, "sgd", 0.1) == grid[3]
     assert table.smaller_lr_selection(tuned, "sgd", 0.05) is None
+
+
+def test_the_table_gives_bsams_verdict_against_each_method(tmp_path):
+    """table.md says, per metric, whether bSAM's predictive is better, equal or worse than
+    each method's (means apart by more than the two stds), and n/a against a diverged one."""
+    from bsam_fast.experiments.table import write_table
+
+    def result(accuracy, nll, curves):
+        stat = lambda runs: {"mean": sum(runs) / len(runs), "std": 0.0, "runs": runs}  # noqa: E731
+        values = {"accuracy": accuracy, "nll": nll, "ece": [0.01, 0.011], "auroc": [0.9, 0.9], "brier": [0.1, 0.1]}
+        pred = {k: stat(v) for k, v in values.items()}
+        return {"pred": pred, "mean": pred, "ms_per_step": stat([1.0, 1.0]), "samples": {},
+                "curve_test_nll_at_mean": curves}
+    ok = [[0.5, 0.2], [0.5, 0.2]]
+    results = {"sgd": result([0.90, 0.91], [0.30, 0.31], ok), "bsam": result([0.95, 0.96], [0.30, 0.32], ok),
+               "adam": result([0.97, 0.98], [0.2, 0.21], [[0.5, 0.2], [0.5, 2.4]])}
+    args = {"dataset": "digits", "model": "mlp", "epochs": 2, "warmup_epochs": 0, "batch": 8, "seeds": [0, 1],
+            "samples": 2}
+    (tmp_path / "results.json").write_text(json.dumps({"args": args, "num_classes": 10, "results": results}))
+    text = write_table(str(tmp_path))
+    assert "| bSAM against | accuracy (%) | NLL | ECE | AUROC | Brier |" in text
+    assert "| SGD | better | equal | equal | equal | equal |" in text
+    assert "| Adam | n/a | n/a | n/a | n/a | n/a |" in text

@@ -35,6 +35,8 @@ OOD_PARTNER = {"mnist": "fashion_mnist", "fashion_mnist": "mnist"}
 LABELS = {"sgd": "SGD", "adam": "Adam", "sam_sgd": "SAM-SGD", "sam_adam": "SAM-Adam", "bsam": "bSAM",
           "ivon": "IVON", "swag": "SWAG", "laplace": "Laplace (at SGD)", "bsam_nonoise": "bSAM without noise"}
 METRIC_KEYS = ("accuracy", "nll", "ece", "auroc", "brier", "ood_auroc")
+METRIC_NAMES = {"accuracy": "accuracy (%)", "nll": "NLL", "ece": "ECE", "auroc": "AUROC", "brier": "Brier",
+                "ood_auroc": "OOD AUROC"}
 BUDGET_DEFAULTS = (("epochs", 5), ("batch", 128), ("warmup_epochs", 1.0))
 TRAIN_PROBE = 10_000      # training examples whose NLL is tracked (a seeded sample)
 
@@ -267,6 +269,15 @@ def write_table(folder: str) -> str:
               f"{args['seeds']}, {args['samples']} samples in the sampled predictives; hyperparameters "
               f"{'from ' + args['tuned'] if args.get('tuned') else 'defaults'}")
     text = header + "\n\n" + _markdown_table(results, ood, saved.get("num_classes"))
+    against = verdicts(results, saved.get("num_classes"), ood)
+    if against:
+        keys = list(next(iter(against.values())))
+        lines = ["| bSAM against | " + " | ".join(METRIC_NAMES[k] for k in keys) + " |",
+                 "|" + "---|" * (len(keys) + 1)]
+        lines += [f"| {LABELS[m]} | " + " | ".join(v[k] for k in keys) + " |" for m, v in against.items()]
+        text += ("\n\nbSAM's predictive against each method (better / worse: the means over the seeds differ "
+                 "by more than the sum of the two standard deviations; equal: they do not; n/a: a diverged "
+                 "run in either):\n\n" + "\n".join(lines))
     samples = {m: r["samples"] for m, r in results.items() if r.get("samples")}
     if samples:
         lines = ["| method | samples | accuracy (%) | NLL | ECE |", "|---|---|---|---|---|"]
@@ -301,11 +312,33 @@ def diverged_seeds(curves: list[list[float]], num_classes: Optional[int]) -> int
     return sum(diverged(c, num_classes) for c in curves)
 
 
+def verdicts(results: dict, num_classes: Optional[int], ood: bool) -> dict:
+    """method -> metric -> "better" / "equal" / "worse" (``metrics.compare``) of bSAM's
+    predictive against that method's, or "n/a" where either diverged in a seed; empty
+    without bSAM or with fewer than two seeds."""
+    if "bsam" not in results or len(results["bsam"]["pred"]["accuracy"]["runs"]) < 2:
+        return {}
+    keys = ["accuracy", "nll", "ece", "auroc", "brier"] + (["ood_auroc"] if ood else [])
+
+    def runs(method):
+        return {k: results[method]["pred"][k]["runs"] for k in keys}
+
+    def unstable(method):
+        return diverged_seeds(results[method].get("curve_test_nll_at_mean", []), num_classes) > 0
+    out = {}
+    for method in results:
+        if method == "bsam":
+            continue
+        if unstable("bsam") or unstable(method):
+            out[method] = {k: "n/a" for k in keys}
+        else:
+            out[method] = metrics.compare(runs("bsam"), runs(method), keys)
+    return out
+
+
 def _markdown_table(results: dict, ood: bool, num_classes: Optional[int] = None) -> str:
     keys = ["accuracy", "nll", "ece", "auroc", "brier"] + (["ood_auroc"] if ood else [])
-    names = {"accuracy": "accuracy (%)", "nll": "NLL", "ece": "ECE", "auroc": "AUROC", "brier": "Brier",
-             "ood_auroc": "OOD AUROC"}
-    head = "| method | " + " | ".join(names[k] for k in keys) + " | ms/step |"
+    head = "| method | " + " | ".join(METRIC_NAMES[k] for k in keys) + " | ms/step |"
     lines = [head, "|" + "---|" * (len(keys) + 2)]
     for method, r in results.items():
         rows = [(LABELS[method], r["pred"])]
