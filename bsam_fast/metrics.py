@@ -15,6 +15,8 @@ import torch
 from torch import Tensor
 
 ECE_BINS = 20
+HIGHER_IS_BETTER = {"accuracy": True, "nll": False, "ece": False, "auroc": True, "brier": False,
+                    "ood_auroc": True}
 
 
 def _check(probs: Tensor, y: Optional[Tensor] = None) -> None:
@@ -149,9 +151,6 @@ def reliability_diagram_of(reliabilities: dict, path: str) -> None:
     plt.close(fig)
 
 
-HIGHER_IS_BETTER = {"accuracy": True, "nll": False, "ece": False, "auroc": True, "brier": False,
-                    "ood_auroc": True}
-
 
 def compare(ours: dict, theirs: dict, keys=("accuracy", "nll", "ece", "auroc")) -> dict:
     """Per metric of `keys`: "better", "worse" or "equal" (the means differ by no more than
@@ -173,4 +172,3 @@ def compare(ours: dict, theirs: dict, keys=("accuracy", "nll", "ece", "auroc")) 
         else:
             out[k] = "better" if (diff > 0) == HIGHER_IS_BETTER[k] else "worse"
     return out
-

@@ -334,42 +334,82 @@ def test_the_table_says_how_many_seeds_diverged(tmp_path):
     assert "| SGD (diverged: 2 of 3 seeds) |" in write_table(str(tmp_path))
 
 
-def test_a_selection_that_diverges_in_training_gives_way_to_the_best_smaller_lr(tmp_path, monkeypatch):
-    """The table checks every seed's training NLL: a diverged selection is replaced by the
-    tuner's selection among the smaller learning rates of its grid (by validation accuracy,
-    whatever its test results), its other seeds are not trained, and the table says so."""
+def _table_with_unstable_lrs(tmp_path, monkeypatch, accuracy, unstable, test_diverges=()):
+    """A table of SGD from a hand-written tuned.json (validation accuracy per lr) whose runs
+    diverge in training, in seed 1, at the lrs in `unstable` (their test curves at the lrs
+    in `test_diverges`); returns (results, the (lr, seed) runs trained, the table's argv)."""
     from bsam_fast.experiments import table
-    lrs = (0.4, 0.2, 0.1, 0.05)
-    accuracy = {0.4: 0.97, 0.2: 0.9, 0.1: 0.95, 0.05: 0.93}
-    grid = [{"lr": lr, "prior_precision": 1.0} for lr in lrs]
+    grid = [{"lr": lr, "prior_precision": 1.0} for lr in accuracy]
     tuned = {"protocol": {"epochs": 1, "batch": 32, "warmup_epochs": 0.0}, "grids": {"sgd": grid},
              "trials": {"sgd": [{"hparams": c, "val": {"accuracy": accuracy[c["lr"]], "nll": 0.3}} for c in grid]
                         + [{"hparams": {"lr": 0.3, "prior_precision": 1.0}, "val": {"accuracy": 0.99, "nll": 0.1}}]},
              "selected": {"sgd": {"hparams": grid[0]}}}
-    path = tmp_path / "tuned.json"
-    path.write_text(json.dumps(tuned))
+    (tmp_path / "tuned.json").write_text(json.dumps(tuned))
     trained = []
     real_one_run = table._one_run
 
     def one_run(args, method, choice, seed, *rest):
         record = real_one_run(args, method, choice, seed, *rest)
         trained.append((choice["lr"], seed))
-        if choice["lr"] > 0.15 and seed == 1:             # lr 0.4 and 0.2 diverge in seed 1
+        if choice["lr"] in unstable and seed == 1:
             record["curve_train_nll_at_mean"] = [1.0, 2.3]
+        if choice["lr"] in test_diverges:
+            record["curve_test_nll_at_mean"] = [1.0, 2.3]
         return record
     monkeypatch.setattr(table, "_one_run", one_run)
-    results = experiments.main(["table", "--dataset", "digits", "--train-subset", "64", "--tuned", str(path),
-                                "--seeds", "0", "1", "2", "--samples", "2", "--sample-counts", "1",
-                                "--out", str(tmp_path / "t"), "--no-progress"])
-    # 0.3 is outside the final grid; among 0.2, 0.1 and 0.05, 0.1 has the best validation accuracy
-    assert trained == [(0.4, 0), (0.4, 1), (0.1, 0), (0.1, 1), (0.1, 2)]
-    assert results["sgd"]["hparams"]["lr"] == 0.1
-    assert [r["hparams"]["lr"] for r in results["sgd"]["rejected"]] == [0.4]
-    assert results["sgd"]["rejected"][0]["seed"] == 1
+    argv = ["table", "--dataset", "digits", "--train-subset", "64", "--tuned", str(tmp_path / "tuned.json"),
+            "--seeds", "0", "1", "2", "--samples", "2", "--sample-counts", "1", "--out", str(tmp_path / "t"),
+            "--no-progress"]
+    return experiments.main(argv), trained, argv
+
+
+def test_a_selection_that_diverges_in_training_gives_way_to_the_best_smaller_lr(tmp_path, monkeypatch):
+    """The table checks every seed's training NLL: a diverged selection is replaced by the
+    tuner's selection among the smaller learning rates of its final grid (by validation
+    accuracy), again if that one diverges too; a diverged configuration's later seeds are
+    not trained, and the table says what happened. A restart replays the same decisions
+    from the stored runs without training."""
+    from bsam_fast.experiments import table
+    accuracy = {0.4: 0.97, 0.2: 0.96, 0.1: 0.95, 0.05: 0.93}
+    results, trained, argv = _table_with_unstable_lrs(tmp_path, monkeypatch, accuracy, unstable=(0.4, 0.2))
+    # 0.3 is outside the final grid; below 0.4 the best is 0.2, below 0.2 it is 0.1
+    assert trained == [(0.4, 0), (0.4, 1), (0.2, 0), (0.2, 1), (0.1, 0), (0.1, 1), (0.1, 2)]
+    assert results["sgd"]["hparams"]["lr"] == 0.1 and results["sgd"]["diverged_in_training"] == 0
+    assert [(r["hparams"]["lr"], r["seed"]) for r in results["sgd"]["rejected"]] == [(0.4, 1), (0.2, 1)]
     text = (tmp_path / "t" / "table.md").read_text()
-    assert "| SGD (lr 0.1: the tuned lr 0.4 diverged in training) |" in text
-    assert table.smaller_lr_selection(tuned, "sgd", 0.1) == grid[3]
-    assert table.smaller_lr_selection(tuned, "sgd", 0.05) is None
+    assert "| SGD (lr 0.1: lr 0.4, 0.2 diverged in training) |" in text
+    monkeypatch.setattr(table, "_one_run", lambda *a: pytest.fail("trained again"))
+    assert experiments.main(argv) == results
+    assert (tmp_path / "t" / "table.md").read_text() == text
+
+
+def test_a_selection_diverging_with_no_smaller_lr_left_is_reported_as_diverged(tmp_path, monkeypatch):
+    results, trained, _ = _table_with_unstable_lrs(tmp_path, monkeypatch, {0.1: 0.97, 0.05: 0.93},
+                                                   unstable=(0.1, 0.05))
+    assert trained == [(0.1, 0), (0.1, 1), (0.05, 0), (0.05, 1), (0.05, 2)]
+    assert results["sgd"]["hparams"]["lr"] == 0.05 and results["sgd"]["diverged_in_training"] == 1
+    assert "| SGD (diverged in training: 1 of 3 seeds) (lr 0.05: lr 0.1 diverged in training) |" in (
+        tmp_path / "t" / "table.md").read_text()
+
+
+def test_a_diverging_test_curve_does_not_move_the_selection(tmp_path, monkeypatch):
+    """The rule reads the training curve only: the test set never changes a selection."""
+    results, trained, _ = _table_with_unstable_lrs(tmp_path, monkeypatch, {0.1: 0.97, 0.05: 0.93}, unstable=(),
+                                                   test_diverges=(0.1,))
+    assert trained == [(0.1, 0), (0.1, 1), (0.1, 2)] and results["sgd"]["rejected"] == []
+
+
+def test_smaller_lr_selection_and_diverged():
+    from bsam_fast.experiments.table import diverged, smaller_lr_selection
+    grid = [{"lr": 0.1}, {"lr": 0.05}]
+    tuned = {"grids": {"sgd": grid}, "trials": {"sgd": [{"hparams": c, "val": {"accuracy": 0.9, "nll": 0.3}}
+                                                         for c in grid]}}
+    assert smaller_lr_selection(tuned, "sgd", 0.1) == grid[1]
+    assert smaller_lr_selection(tuned, "sgd", 0.05) is None
+    assert smaller_lr_selection(tuned, "sgd", None) is None and smaller_lr_selection({}, "sgd", 0.1) is None
+    assert smaller_lr_selection(None, "sgd", 0.1) is None
+    assert diverged([float("nan"), 1.0, 2.3], 10) and diverged([1.0, float("inf")], 10)
+    assert not diverged([2.4, 2.35], 10) and not diverged([], 10) and not diverged([1.0, 0.5], 10)
 
 
 def test_the_table_gives_bsams_verdict_against_each_method(tmp_path):
@@ -385,7 +425,8 @@ def test_the_table_gives_bsams_verdict_against_each_method(tmp_path):
                 "curve_test_nll_at_mean": curves}
     ok = [[0.5, 0.2], [0.5, 0.2]]
     results = {"sgd": result([0.90, 0.91], [0.30, 0.31], ok), "bsam": result([0.95, 0.96], [0.30, 0.32], ok),
-               "adam": result([0.97, 0.98], [0.2, 0.21], [[0.5, 0.2], [0.5, 2.4]])}
+               "adam": result([0.97, 0.98], [0.2, 0.21], [[0.5, 0.2], [0.5, 2.4]]),
+               "sam_adam": result([0.97, 0.98], [0.2, 0.21], ok)}
     args = {"dataset": "digits", "model": "mlp", "epochs": 2, "warmup_epochs": 0, "batch": 8, "seeds": [0, 1],
             "samples": 2}
     (tmp_path / "results.json").write_text(json.dumps({"args": args, "num_classes": 10, "results": results}))
@@ -393,3 +434,12 @@ def test_the_table_gives_bsams_verdict_against_each_method(tmp_path):
     assert "| bSAM against | accuracy (%) | NLL | ECE | AUROC | Brier |" in text
     assert "| SGD | better | equal | equal | equal | equal |" in text
     assert "| Adam | n/a | n/a | n/a | n/a | n/a |" in text
+    assert "| SAM-Adam | worse | worse | equal | equal | equal |" in text
+    results["bsam"]["diverged_in_training"] = 1             # bSAM diverged: no verdict stands
+    (tmp_path / "results.json").write_text(json.dumps({"args": args, "num_classes": 10, "results": results}))
+    assert "| SGD | n/a | n/a | n/a | n/a | n/a |" in write_table(str(tmp_path))
+    args["seeds"] = [0]                                      # one seed: no spread, no verdict
+    one = {m: {**r, "pred": {k: {**v, "runs": v["runs"][:1]} for k, v in r["pred"].items()}}
+           for m, r in results.items()}
+    (tmp_path / "results.json").write_text(json.dumps({"args": args, "num_classes": 10, "results": one}))
+    assert "bSAM against" not in write_table(str(tmp_path))

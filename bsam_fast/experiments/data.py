@@ -131,6 +131,9 @@ def load(name: str, split: str = "train", root: Optional[str] = None):
     raise ValueError(f"unknown data set {name!r}; expected digits, mnist, fashion_mnist, cifar10, cifar100")
 
 
+NUM_CLASSES = {"digits": 10, "mnist": 10, "fashion_mnist": 10, "cifar10": 10, "cifar100": 100}
+
+
 def load_train(name: str, subset: int = 0, root: Optional[str] = None):
     """The training split of `name`, or its first `subset` examples when subset > 0."""
     x, y = load(name, "train", root)

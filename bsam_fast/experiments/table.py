@@ -11,8 +11,9 @@ convergence.png.
 
 A tuned selection can be stable on the tuner's short budget and diverge on the table's
 longer one. A selection whose training NLL diverges in any seed (``diverged``) is therefore
-replaced by the tuner's selection among its configurations with a smaller learning rate, and
-the table says so. The rule looks at training data only, never at the test set.
+replaced by the tuner's selection among its final grid's configurations with a smaller
+learning rate, and the table says so; one with no smaller learning rate left is reported
+as diverged. The rule looks at training data only, never at the test set.
 """
 from __future__ import annotations
 
@@ -86,12 +87,15 @@ def _choices(args) -> tuple[dict, Optional[dict]]:
             for m in (args.methods or list(METHODS))}, None
 
 
-def smaller_lr_selection(tuned: dict, method: str, lr: float) -> Optional[dict]:
+def smaller_lr_selection(tuned: Optional[dict], method: str, lr: Optional[float]) -> Optional[dict]:
     """The tuner's selection (same rule) among the configurations of its final grid for
-    `method` whose learning rate is below `lr`; None if there are none (or no grid)."""
+    `method` whose learning rate is below `lr`; None if there are none (or no grid, or no
+    learning rate)."""
+    if tuned is None or lr is None:
+        return None
     grid = {json.dumps(c, sort_keys=True) for c in tuned.get("grids", {}).get(method, [])}
     trials = [t for t in tuned.get("trials", {}).get(method, [])
-              if json.dumps(t["hparams"], sort_keys=True) in grid and t["hparams"]["lr"] < lr * (1 - 1e-9)]
+              if json.dumps(t["hparams"], sort_keys=True) in grid and t["hparams"].get("lr", math.inf) < lr * (1 - 1e-9)]
     return select(trials, "accuracy")["hparams"] if trials else None
 
 
@@ -155,7 +159,7 @@ def run_table(args) -> dict:
     choices, tuned = _choices(args)
     x_tr, y_tr = data.load_train(args.dataset, args.train_subset, args.data_root)
     x_te, y_te = data.load(args.dataset, "test", args.data_root)
-    num_classes = int(y_te.max()) + 1
+    num_classes = data.NUM_CLASSES[args.dataset]
     probe_idx = torch.randperm(len(x_tr), generator=torch.Generator().manual_seed(0))[:TRAIN_PROBE]
     probe = (x_tr[probe_idx], y_tr[probe_idx])
     x_ood = None
@@ -178,7 +182,7 @@ def run_table(args) -> dict:
     records, rejected = {}, {m: [] for m in choices}
     for method in choices:
         while True:
-            fallback = None if tuned is None else smaller_lr_selection(tuned, method, choices[method]["lr"])
+            fallback = smaller_lr_selection(tuned, method, choices[method].get("lr"))
             unstable = None
             for seed in args.seeds:
                 record, cached = store.run(spec(method, seed), lambda: _one_run(
@@ -191,14 +195,18 @@ def run_table(args) -> dict:
                     unstable = seed
                     if fallback is not None:
                         break
-            if unstable is None or fallback is None:
+            if unstable is None:
+                break
+            if fallback is None:
+                print(f"{LABELS[method]}: {choices[method]} diverged in training (seed {unstable}) and no smaller "
+                      "learning rate is left to take; reported as diverged", flush=True)
                 break
             print(f"{LABELS[method]}: lr {choices[method]['lr']:g} diverged in training (seed {unstable}); "
                   f"taking the tuner's selection below it, lr {fallback['lr']:g}", flush=True)
             rejected[method].append({"hparams": choices[method], "seed": unstable, "curve_train_nll_at_mean":
                                      records[method, unstable]["curve_train_nll_at_mean"]})
             choices[method] = fallback
-    results = {m: {**_summary(hp, [records[m, s] for s in args.seeds]), "rejected": rejected[m]}
+    results = {m: {**_summary(hp, [records[m, s] for s in args.seeds], num_classes), "rejected": rejected[m]}
                for m, hp in choices.items()}
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"args": vars(args), "train_examples": len(x_tr), "num_classes": num_classes,
@@ -223,11 +231,13 @@ def _announce(args, specs, store, x, y) -> None:
                               backend=args.backend)
             per_method[method] = time_steps(model_for(args.model, x), cfg, x, y) * steps / 1e3
     total = sum(per_method[m] for m, _ in todo)
-    print(f"table: {len(todo)} runs to do of {len(specs)}, expected ~{total / 60:.0f} min", flush=True)
+    print(f"table: {len(todo)} runs to do of {len(specs)}, expected ~{total / 60:.0f} min (more if a selection "
+          "diverges in training and gives way to a smaller learning rate)", flush=True)
 
 
-def _summary(choice: dict, records: list[dict]) -> dict:
-    out = {"hparams": choice, "ms_per_step": mean_std([r["ms_per_step"] for r in records])}
+def _summary(choice: dict, records: list[dict], num_classes: int) -> dict:
+    out = {"hparams": choice, "ms_per_step": mean_std([r["ms_per_step"] for r in records]),
+           "diverged_in_training": sum(diverged(r.get("curve_train_nll_at_mean", []), num_classes) for r in records)}
     for kind in ("pred", "mean"):
         out[kind] = {k: mean_std([r[kind][k] for r in records]) for k in METRIC_KEYS if k in records[0][kind]}
     out["samples"] = {s: {k: mean_std([r["samples"][s][k] for r in records]) for k in stats}
@@ -269,15 +279,7 @@ def write_table(folder: str) -> str:
               f"{args['seeds']}, {args['samples']} samples in the sampled predictives; hyperparameters "
               f"{'from ' + args['tuned'] if args.get('tuned') else 'defaults'}")
     text = header + "\n\n" + _markdown_table(results, ood, saved.get("num_classes"))
-    against = verdicts(results, saved.get("num_classes"), ood)
-    if against:
-        keys = list(next(iter(against.values())))
-        lines = ["| bSAM against | " + " | ".join(METRIC_NAMES[k] for k in keys) + " |",
-                 "|" + "---|" * (len(keys) + 1)]
-        lines += [f"| {LABELS[m]} | " + " | ".join(v[k] for k in keys) + " |" for m, v in against.items()]
-        text += ("\n\nbSAM's predictive against each method (better / worse: the means over the seeds differ "
-                 "by more than the sum of the two standard deviations; equal: they do not; n/a: a diverged "
-                 "run in either):\n\n" + "\n".join(lines))
+    text += _verdict_table(verdicts(results, saved.get("num_classes"), ood))
     samples = {m: r["samples"] for m, r in results.items() if r.get("samples")}
     if samples:
         lines = ["| method | samples | accuracy (%) | NLL | ECE |", "|---|---|---|---|---|"]
@@ -303,7 +305,8 @@ def diverged(curve: list[float], num_classes: Optional[int]) -> bool:
     if not num_classes or not curve:
         return False
     uniform = 0.99 * math.log(num_classes)
-    return not math.isfinite(curve[-1]) or (curve[-1] >= uniform and min(curve) < uniform)
+    best = min((v for v in curve if math.isfinite(v)), default=math.inf)
+    return not math.isfinite(curve[-1]) or (curve[-1] >= uniform and best < uniform)
 
 
 def diverged_seeds(curves: list[list[float]], num_classes: Optional[int]) -> int:
@@ -312,19 +315,35 @@ def diverged_seeds(curves: list[list[float]], num_classes: Optional[int]) -> int
     return sum(diverged(c, num_classes) for c in curves)
 
 
+def _verdict_table(against: dict) -> str:
+    if not against:
+        return ""
+    keys = list(next(iter(against.values())))
+    lines = ["| bSAM against | " + " | ".join(METRIC_NAMES[k] for k in keys) + " |", "|" + "---|" * (len(keys) + 1)]
+    lines += [f"| {LABELS[m]} | " + " | ".join(v[k] for k in keys) + " |" for m, v in against.items()]
+    return ("\n\nbSAM's predictive against each method (better / worse: the means over the seeds differ by more "
+            "than the sum of the two standard deviations; equal: they do not; n/a: a diverged run in either; "
+            "undefined: a value that is not finite):\n\n" + "\n".join(lines))
+
+
+def _metric_keys(ood: bool) -> list[str]:
+    return ["accuracy", "nll", "ece", "auroc", "brier"] + (["ood_auroc"] if ood else [])
+
+
 def verdicts(results: dict, num_classes: Optional[int], ood: bool) -> dict:
     """method -> metric -> "better" / "equal" / "worse" (``metrics.compare``) of bSAM's
-    predictive against that method's, or "n/a" where either diverged in a seed; empty
-    without bSAM or with fewer than two seeds."""
+    predictive against that method's, or "n/a" where either diverged in a seed (in
+    training, or by its test curve); empty without bSAM or with fewer than two seeds."""
     if "bsam" not in results or len(results["bsam"]["pred"]["accuracy"]["runs"]) < 2:
         return {}
-    keys = ["accuracy", "nll", "ece", "auroc", "brier"] + (["ood_auroc"] if ood else [])
+    keys = _metric_keys(ood)
 
     def runs(method):
         return {k: results[method]["pred"][k]["runs"] for k in keys}
 
     def unstable(method):
-        return diverged_seeds(results[method].get("curve_test_nll_at_mean", []), num_classes) > 0
+        return (results[method].get("diverged_in_training", 0) > 0
+                or diverged_seeds(results[method].get("curve_test_nll_at_mean", []), num_classes) > 0)
     out = {}
     for method in results:
         if method == "bsam":
@@ -337,7 +356,7 @@ def verdicts(results: dict, num_classes: Optional[int], ood: bool) -> dict:
 
 
 def _markdown_table(results: dict, ood: bool, num_classes: Optional[int] = None) -> str:
-    keys = ["accuracy", "nll", "ece", "auroc", "brier"] + (["ood_auroc"] if ood else [])
+    keys = _metric_keys(ood)
     head = "| method | " + " | ".join(METRIC_NAMES[k] for k in keys) + " | ms/step |"
     lines = [head, "|" + "---|" * (len(keys) + 2)]
     for method, r in results.items():
@@ -349,9 +368,12 @@ def _markdown_table(results: dict, ood: bool, num_classes: Optional[int] = None)
         bad = diverged_seeds(curves, num_classes)
         if bad:
             rows = [(f"{name} (diverged: {bad} of {len(curves)} seeds)", stats) for name, stats in rows]
+        if r.get("diverged_in_training"):
+            rows = [(f"{name} (diverged in training: {r['diverged_in_training']} of {len(curves)} seeds)", stats)
+                    for name, stats in rows]
         if r.get("rejected"):
             tried = ", ".join(f"{x['hparams']['lr']:g}" for x in r["rejected"])
-            rows = [(f"{name} (lr {r['hparams']['lr']:g}: the tuned lr {tried} diverged in training)", stats)
+            rows = [(f"{name} (lr {r['hparams']['lr']:g}: lr {tried} diverged in training)", stats)
                     for name, stats in rows]
         for name, stats in rows:
             cells = [_cell(stats[k], 100.0 if k == "accuracy" else 1.0) for k in keys]
