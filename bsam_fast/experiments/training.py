@@ -12,6 +12,7 @@ SWAG; the probit GLM predictive for Laplace.
 from __future__ import annotations
 
 import math
+import statistics
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -111,8 +112,9 @@ def lr_factor(step: int, total: int, warmup: int, floor: float = 0.0, decay_end:
 
 def train(model: nn.Module, cfg: Config, x: Tensor, y: Tensor, progress: bool = False,
           desc: Optional[str] = None, on_epoch=None) -> Trained:
-    """Train with warm-up + cosine; returns the model, optimizer, ms per step (of the
-    optimizer step: forward, backward and update) and the method's posterior, if any.
+    """Train with warm-up + cosine; returns the model, optimizer, ms per step (the median
+    over the steps of forward, backward and update: a run paused or sharing its core for a
+    while does not move it) and the method's posterior, if any.
     ``on_epoch(epoch, model)``, if given, is called after every epoch (untimed)."""
     torch.manual_seed(cfg.seed)
     n = len(x)
@@ -136,7 +138,7 @@ def train(model: nn.Module, cfg: Config, x: Tensor, y: Tensor, progress: bool = 
     g_augment = torch.Generator().manual_seed(cfg.seed + 1)     # (the batches stay those of g)
     bar = _progress_bar(progress, total, desc or cfg.method)
     model.train()
-    elapsed, step = 0.0, 0
+    step_seconds, step = [], 0
     untimed = min(5, total // 10)     # the first steps pay for allocations and warm-up
     for epoch in range(cfg.epochs):
         perm = torch.randperm(n, generator=g)
@@ -146,7 +148,7 @@ def train(model: nn.Module, cfg: Config, x: Tensor, y: Tensor, progress: bool = 
             xb = augmented(x[idx], g_augment) if cfg.augment else x[idx]
             _one_step(cfg, model, opt, split_batch(xb, y[idx], m=cfg.m))
             if step >= untimed:
-                elapsed += time.perf_counter() - t0
+                step_seconds.append(time.perf_counter() - t0)
             step += 1
             with warnings.catch_warnings():
                 # step_parts() (m > 1) is not the step() the scheduler wraps, so it would
@@ -167,7 +169,7 @@ def train(model: nn.Module, cfg: Config, x: Tensor, y: Tensor, progress: bool = 
             torch.nn.utils.vector_to_parameters(swag.mean, model.parameters())
     if cfg.method == "laplace":
         posterior = bayes_baselines.fit_laplace(model, x, y)
-    return Trained(model, opt, 1e3 * elapsed / max(1, step - untimed), posterior)
+    return Trained(model, opt, 1e3 * statistics.median(step_seconds) if step_seconds else math.nan, posterior)
 
 
 def extra_settings(augment: bool, data_factor: Optional[float], batched_parts: bool = False) -> dict:
