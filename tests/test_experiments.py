@@ -341,8 +341,7 @@ def _table_with_unstable_lrs(tmp_path, monkeypatch, accuracy, unstable, test_div
     from bsam_fast.experiments import table
     grid = [{"lr": lr, "prior_precision": 1.0} for lr in accuracy]
     tuned = {"protocol": {"epochs": 1, "batch": 32, "warmup_epochs": 0.0}, "grids": {"sgd": grid},
-             "trials": {"sgd": [{"hparams": c, "val": {"accuracy": accuracy[c["lr"]], "nll": 0.3}} for c in grid]
-                        + [{"hparams": {"lr": 0.3, "prior_precision": 1.0}, "val": {"accuracy": 0.99, "nll": 0.1}}]},
+             "trials": {"sgd": [{"hparams": c, "val": {"accuracy": accuracy[c["lr"]], "nll": 0.3}} for c in grid]},
              "selected": {"sgd": {"hparams": grid[0]}}}
     (tmp_path / "tuned.json").write_text(json.dumps(tuned))
     trained = []
@@ -365,14 +364,14 @@ def _table_with_unstable_lrs(tmp_path, monkeypatch, accuracy, unstable, test_div
 
 def test_a_selection_that_diverges_in_training_gives_way_to_the_best_smaller_lr(tmp_path, monkeypatch):
     """The table checks every seed's training NLL: a diverged selection is replaced by the
-    tuner's selection among the smaller learning rates of its final grid (by validation
-    accuracy), again if that one diverges too; a diverged configuration's later seeds are
+    tuner's selection among the configurations it trained with smaller learning rates (by
+    validation accuracy), again if that one diverges too; a diverged configuration's later seeds are
     not trained, and the table says what happened. A restart replays the same decisions
     from the stored runs without training."""
     from bsam_fast.experiments import table
     accuracy = {0.4: 0.97, 0.2: 0.96, 0.1: 0.95, 0.05: 0.93}
     results, trained, argv = _table_with_unstable_lrs(tmp_path, monkeypatch, accuracy, unstable=(0.4, 0.2))
-    # 0.3 is outside the final grid; below 0.4 the best is 0.2, below 0.2 it is 0.1
+    # below 0.4 the best is 0.2, below 0.2 it is 0.1
     assert trained == [(0.4, 0), (0.4, 1), (0.2, 0), (0.2, 1), (0.1, 0), (0.1, 1), (0.1, 2)]
     assert results["sgd"]["hparams"]["lr"] == 0.1 and results["sgd"]["diverged_in_training"] == 0
     assert [(r["hparams"]["lr"], r["seed"]) for r in results["sgd"]["rejected"]] == [(0.4, 1), (0.2, 1)]
@@ -401,11 +400,11 @@ def test_a_diverging_test_curve_does_not_move_the_selection(tmp_path, monkeypatc
 
 def test_smaller_lr_selection_and_diverged():
     from bsam_fast.experiments.table import diverged, smaller_lr_selection
-    grid = [{"lr": 0.1}, {"lr": 0.05}]
-    tuned = {"grids": {"sgd": grid}, "trials": {"sgd": [{"hparams": c, "val": {"accuracy": 0.9, "nll": 0.3}}
-                                                         for c in grid]}}
-    assert smaller_lr_selection(tuned, "sgd", 0.1) == grid[1]
-    assert smaller_lr_selection(tuned, "sgd", 0.05) is None
+    grid = [{"lr": 0.1}, {"lr": 0.05}, {"lr": 0.025}]          # 0.025: left behind by an axis shift
+    trials = [{"hparams": c, "val": {"accuracy": a, "nll": 0.3}} for c, a in zip(grid, (0.9, 0.8, 0.85))]
+    tuned = {"grids": {"sgd": grid[:2]}, "trials": {"sgd": trials}}
+    assert smaller_lr_selection(tuned, "sgd", 0.1) == grid[2]
+    assert smaller_lr_selection(tuned, "sgd", 0.025) is None
     assert smaller_lr_selection(tuned, "sgd", None) is None and smaller_lr_selection({}, "sgd", 0.1) is None
     assert smaller_lr_selection(None, "sgd", 0.1) is None
     assert diverged([float("nan"), 1.0, 2.3], 10) and diverged([1.0, float("inf")], 10)

@@ -11,7 +11,7 @@ convergence.png.
 
 A tuned selection can be stable on the tuner's short budget and diverge on the table's
 longer one. A selection whose training NLL diverges in any seed (``diverged``) is therefore
-replaced by the tuner's selection among its final grid's configurations with a smaller
+replaced by the tuner's selection among the configurations it trained with a smaller
 learning rate, and the table says so; one with no smaller learning rate left is reported
 as diverged. The rule looks at training data only, never at the test set.
 """
@@ -88,14 +88,12 @@ def _choices(args) -> tuple[dict, Optional[dict]]:
 
 
 def smaller_lr_selection(tuned: Optional[dict], method: str, lr: Optional[float]) -> Optional[dict]:
-    """The tuner's selection (same rule) among the configurations of its final grid for
-    `method` whose learning rate is below `lr`; None if there are none (or no grid, or no
-    learning rate)."""
+    """The tuner's selection (same rule) among all the configurations it trained for
+    `method` (those its axis shifts left behind too: what the edge rule would go back to)
+    whose learning rate is below `lr`; None if there are none (or no learning rate)."""
     if tuned is None or lr is None:
         return None
-    grid = {json.dumps(c, sort_keys=True) for c in tuned.get("grids", {}).get(method, [])}
-    trials = [t for t in tuned.get("trials", {}).get(method, [])
-              if json.dumps(t["hparams"], sort_keys=True) in grid and t["hparams"].get("lr", math.inf) < lr * (1 - 1e-9)]
+    trials = [t for t in tuned.get("trials", {}).get(method, []) if t["hparams"].get("lr", math.inf) < lr * (1 - 1e-9)]
     return select(trials, "accuracy")["hparams"] if trials else None
 
 
