@@ -363,16 +363,16 @@ def _markdown_table(results: dict, ood: bool, num_classes: Optional[int] = None)
             rows.append((f"{LABELS[method]} at mean", r["mean"]))
         ms = r["ms_per_step"]
         curves = r.get("curve_test_nll_at_mean", [])
+        marks = []
         bad = diverged_seeds(curves, num_classes)
         if bad:
-            rows = [(f"{name} (diverged: {bad} of {len(curves)} seeds)", stats) for name, stats in rows]
+            marks.append(f"diverged: {bad} of {len(curves)} seeds")
         if r.get("diverged_in_training"):
-            rows = [(f"{name} (diverged in training: {r['diverged_in_training']} of {len(curves)} seeds)", stats)
-                    for name, stats in rows]
+            marks.append(f"diverged in training: {r['diverged_in_training']} of {len(curves)} seeds")
         if r.get("rejected"):
             tried = ", ".join(f"{x['hparams']['lr']:g}" for x in r["rejected"])
-            rows = [(f"{name} (lr {r['hparams']['lr']:g}: lr {tried} diverged in training)", stats)
-                    for name, stats in rows]
+            marks.append(f"lr {r['hparams']['lr']:g}: lr {tried} diverged in training")
+        rows = [(name + "".join(f" ({mark})" for mark in marks), stats) for name, stats in rows]
         for name, stats in rows:
             cells = [_cell(stats[k], 100.0 if k == "accuracy" else 1.0) for k in keys]
             lines.append(f"| {name} | " + " | ".join(cells) + f" | {ms['mean']:.1f} ± {ms['std']:.1f} |")
