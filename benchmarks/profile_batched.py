@@ -8,20 +8,58 @@ checks, the m noisy points, the two vmap'd forward/backward passes, the m pertur
 the update), summed over 20 steps after 5 untimed ones, and the whole step; then sets the
 stages that do not shrink with batching (the optimizer's m noise draws and m
 perturbations) against the budget of 1.6x the m = 1 step.
+
+Last, the floor under any batched step on this machine, whatever the optimizer does: the
+two vmap'd forward/backward passes alone (torch.func's, over m weight copies, as
+step_batched calls them) plus the m noise draws alone (the noise kernel into preallocated
+buffers: each part has its own draw of every parameter, at the stream positions
+step_parts uses), against the m = 1 step.
 """
 import argparse
 import collections
 import time
 
 import torch
+import torch.nn.functional as F
 
 import bsam_fast.func as func
 from bsam_fast.bench_e2e import training_step
+from bsam_fast.experiments.models import INPUT_SHAPES, make_model
 from bsam_fast.optimizer import BSAM
 from bsam_fast.timing import device_name, median_ms
 
 STAGES = {"_check": "argument checks", "_check_every_parameter_used": "parameter-use check (1 example)",
           "_sample_parts": "m noisy points (m noise draws)", "_perturb_parts": "m perturbations"}
+
+
+def floor_ms(model_name: str, batch: int, m: int, reps: int) -> dict[str, float]:
+    """Medians in ms of what any batched step does besides the optimizer's own work: the two
+    vmap'd forward/backward passes over m weight copies (torch.func's, as step_batched
+    calls them), and the m noise draws of every parameter alone (the noise kernel into
+    preallocated buffers); and the m = 1 step's two passes, for comparison."""
+    from torch.func import functional_call, grad_and_value, vmap
+    cpu = torch.device("cpu")
+    torch.manual_seed(0)
+    model = make_model(model_name)
+    names, params = zip(*model.named_parameters())
+    x, y = torch.randn(batch, *INPUT_SHAPES[model_name]), torch.randint(0, 10, (batch,))
+    x_parts, y_parts = x.reshape(m, batch // m, *x.shape[1:]), y.reshape(m, batch // m)
+    stacks = [p.detach().expand(m, *p.shape).contiguous() for p in params]
+    grads_of = vmap(grad_and_value(
+        lambda values, xs, ys: F.cross_entropy(functional_call(model, dict(zip(names, values)), (xs,)), ys)))
+    buffers = [torch.empty_like(p) for p in params]
+
+    def two_passes():
+        for _ in range(2):
+            model.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+
+    def m_draws():
+        for k in range(m):
+            torch.ops.bsam_fast.normal_(buffers, [0] * len(buffers), 0, k)
+    return {"batched passes": 2 * median_ms(lambda: grads_of(stacks, x_parts, y_parts), cpu, reps),
+            "draws": median_ms(m_draws, cpu, reps),
+            "m = 1 passes": median_ms(two_passes, cpu, reps)}
 
 
 def main(argv=None):
@@ -74,6 +112,15 @@ def main(argv=None):
               "",
               f"batched / m = 1: {total / single:.2f}x; a 1.6x budget is {1.6 * single:.2f} ms, of which the m noise "
               f"draws and m perturbations alone take {fixed:.2f} ms ({fixed / (1.6 * single):.0%})"]
+    # This machine's timings drift by up to ~1.5x within minutes: the least of 3 medians each.
+    rounds = [floor_ms(args.model, args.batch, 8, args.steps) for _ in range(3)]
+    floor = {key: min(r[key] for r in rounds) for key in rounds[0]}
+    single = min([single] + [median_ms(training_step(args.model, "bsam", "cpu", cpu, args.batch), cpu, args.steps)
+                             for _ in range(2)])
+    least = floor["batched passes"] + floor["draws"]
+    lines += [f"floor (least of 3 medians each): 2 x one vmap'd pass alone {floor['batched passes']:.2f} ms + "
+              f"the 8 noise draws alone {floor['draws']:.2f} ms = {least:.2f} ms, {least / single:.2f}x the "
+              f"m = 1 step's {single:.2f} ms (whose own 2 passes take {floor['m = 1 passes']:.2f} ms)"]
     text = "\n".join(lines)
     print(text)
     if args.out:

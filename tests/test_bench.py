@@ -1,8 +1,10 @@
 """The benchmark CLI runs and writes what it promises (its timings are not checked)."""
 import json
 import math
+import pathlib
 
 import pytest
+import torch
 
 from bsam_fast import available_backends, bench
 
@@ -90,3 +92,21 @@ def test_the_compiled_peer_computes_the_reference_update():
         torch.testing.assert_close(a, p.detach(), rtol=0, atol=1e-15)
         torch.testing.assert_close(gm, opt.state[p]["momentum"], rtol=0, atol=1e-15)
         torch.testing.assert_close(s, opt.state[p]["precision"], rtol=0, atol=1e-15)
+
+
+@pytest.mark.skipif("cpu" not in available_backends(), reason="the cpu kernels are not built")
+def test_the_batched_step_profile_runs_and_writes_its_floor(tmp_path):
+    import runpy
+    import sys
+    out = tmp_path / "breakdown.txt"
+    argv, threads = sys.argv, torch.get_num_threads()
+    sys.argv = ["profile_batched.py", "--steps", "2", "--out", str(out)]
+    try:
+        runpy.run_path(str(pathlib.Path(__file__).parents[1] / "benchmarks" / "profile_batched.py"),
+                       run_name="__main__")
+    finally:
+        sys.argv = argv
+        torch.set_num_threads(threads)       # the script runs on one thread
+    text = out.read_text()
+    for stage in ("m noisy points", "2 vmap'd forward/backward passes", "m perturbations", "update", "floor"):
+        assert stage in text, text

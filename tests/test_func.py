@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from bsam_fast import BSAM, split_batch
 from bsam_fast.experiments.models import model_for
 from bsam_fast.func import step_batched
+from helpers import snapshot
 
 SHAPES = {"mlp": (16, 1, 28, 28), "lenet5": (16, 1, 28, 28), "resnet20_frn": (8, 3, 32, 32)}
 # Relative to each tensor's norm. fp32: summation order (vmap batches the matmuls and
@@ -125,6 +126,37 @@ def test_an_unused_parameter_is_refused_and_a_frozen_one_left_alone():
     step_batched(opt_batched, twin, F.cross_entropy, x, y, 2)
     for p, q in zip(model.parameters(), twin.parameters()):
         assert torch.linalg.vector_norm(p - q) <= 1e-12 * torch.linalg.vector_norm(p)
+
+
+class _Gated(torch.nn.Module):
+    """A linear layer whose bias reaches the output only through detach() (no gradient,
+    as autograd.grad reports it) unless `gated` is off."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 3, dtype=torch.float64)
+        self.gated = True
+
+    def forward(self, x):
+        bias = self.lin.bias.detach() if self.gated else self.lin.bias
+        return x @ self.lin.weight.T + bias
+
+
+def test_the_parameter_use_check_reads_the_graph_as_autograd_does():
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    model = _Gated()
+    opt = BSAM(model.parameters(), lr=0.1, num_data=10)
+    before = snapshot(model, opt)
+    with pytest.raises(ValueError, match=r"does not reach \['lin.bias'\]"):
+        step_batched(opt, model, F.cross_entropy, x, y, 2)
+    with pytest.raises(ValueError, match=r"does not reach \['lin.weight', 'lin.bias'\]"):
+        step_batched(opt, model, lambda out, target: out.sum().detach(), x, y, 2)
+    after = snapshot(model, opt)
+    assert all(torch.equal(after[k], v) for k, v in before.items()) and not opt.in_step
+    model.gated = False
+    step_batched(opt, model, F.cross_entropy, x, y, 2)
+    assert not torch.equal(model.lin.bias, before["lin.bias"])
 
 
 def test_a_failure_mid_step_leaves_the_mean_and_the_state(backend):
