@@ -51,7 +51,21 @@ def test_cli_writes_json_table_and_plot(tmp_path, capsys):
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
     text = capsys.readouterr().out
     assert "t/t_AdamWfused" in text and "x SAM-Adam" in text
-    assert {e["method"] for e in out["end_to_end"]} >= {"adam", "sam_adam"}
+    rows = {e["method"]: e for e in out["end_to_end"]}
+    assert {"adam", "sam_adam", "sam_adam_m8"} <= rows.keys()
+    for label, row in rows.items():      # m = 8 rows also against SAM-Adam with m = 8
+        same_m = rows["sam_adam_m8" if "_m8" in label else "sam_adam"]["median_ms"]
+        assert row["overhead_vs_sam_adam_same_m"] == pytest.approx(row["median_ms"] / same_m)
+
+
+@pytest.mark.parametrize("method", ["adam", "sam_adam", "sam_adam_m8", "bsam", "bsam_m8", "bsam_m8_batched"])
+def test_every_end_to_end_method_trains_the_transformer(method):
+    from bsam_fast.bench_e2e import training_step
+    torch.manual_seed(0)
+    step = training_step("transformer", method, "foreach", torch.device("cpu"), batch=16)
+    before = {n: p.detach().clone() for n, p in step.model.named_parameters()}
+    step()
+    assert all(not torch.equal(before[n], p) for n, p in step.model.named_parameters())
 
 
 def test_cli_refuses_too_few_repetitions():

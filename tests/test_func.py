@@ -10,11 +10,12 @@ from bsam_fast.experiments.models import model_for
 from bsam_fast.func import step_batched
 from helpers import snapshot
 
-SHAPES = {"mlp": (16, 1, 28, 28), "lenet5": (16, 1, 28, 28), "resnet20_frn": (8, 3, 32, 32)}
+SHAPES = {"mlp": (16, 1, 28, 28), "lenet5": (16, 1, 28, 28), "resnet20_frn": (8, 3, 32, 32),
+          "transformer": (16, 1, 28, 28)}
 # Relative to each tensor's norm. fp32: summation order (vmap batches the matmuls and
 # convolutions differently); fp64: round-off.
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-12}
-DEPTH_FACTOR = {"mlp": 1, "lenet5": 1, "resnet20_frn": 10}
+DEPTH_FACTOR = {"mlp": 1, "lenet5": 1, "resnet20_frn": 10, "transformer": 1}
 
 
 def _pair(model_name, dtype, backend, seed=0):
@@ -40,7 +41,7 @@ def _sequential(model, opt, x, y, m):
 
 
 @pytest.mark.parametrize("m", [1, 2, 8])
-@pytest.mark.parametrize("model_name", ["mlp", "lenet5", "resnet20_frn"])
+@pytest.mark.parametrize("model_name", ["mlp", "lenet5", "resnet20_frn", "transformer"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_batched_parts_equal_step_parts(backend, model_name, dtype, m):
     if model_name == "resnet20_frn" and (dtype == torch.float32 or backend == "reference"):

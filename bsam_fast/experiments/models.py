@@ -1,6 +1,9 @@
 """The models of the paper's experiments: MLP 784-500-300-10, LeNet-5, ResNet-20 with
-filter response normalisation (FRN + TLU), and ResNet-18."""
+filter response normalisation (FRN + TLU), and ResNet-18; and a stack of transformer
+blocks over an image's rows (the benchmarks' transformer)."""
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn as nn
@@ -131,10 +134,51 @@ class ResNet18(nn.Module):
         return self.fc(x.mean(dim=(2, 3)))
 
 
-MODELS = {"mlp": MLP, "lenet5": LeNet5, "resnet20_frn": ResNet20FRN, "resnet18": ResNet18}
+class TransformerBlock(nn.Module):
+    """A pre-LN transformer block: x + attention(LN(x)), then + MLP(LN(.)) (GELU, width 4d).
+    Attention written out in matrix products (not scaled_dot_product_attention, which vmap
+    runs one example at a time on CPUs)."""
+
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.qkv, self.out = nn.LayerNorm(d), nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.norm2, self.fc1, self.fc2 = nn.LayerNorm(d), nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).reshape(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        weights = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(d // self.heads), dim=-1)
+        x = x + self.out((weights @ v).transpose(1, 2).reshape(b, t, d))
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+class TransformerStack(nn.Module):
+    """Transformer blocks over an image's rows as tokens: each row (channels x width values)
+    embedded to `d`, plus a learned position; the blocks; the tokens' mean; a linear
+    classifier. No dropout and no batch statistics, so vmap and step_batched take it."""
+
+    def __init__(self, in_channels: int = 1, size: int = 28, d: int = 128, heads: int = 4, blocks: int = 4,
+                 classes: int = 10):
+        super().__init__()
+        self.embed = nn.Linear(in_channels * size, d)
+        self.position = nn.Parameter(torch.zeros(size, d))
+        self.blocks = nn.Sequential(*(TransformerBlock(d, heads) for _ in range(blocks)))
+        self.norm = nn.LayerNorm(d)
+        self.fc = nn.Linear(d, classes)
+
+    def forward(self, x):
+        tokens = x.permute(0, 2, 1, 3).flatten(2)          # (batch, rows, channels * width)
+        h = self.blocks(self.embed(tokens) + self.position)
+        return self.fc(self.norm(h).mean(dim=1))
+
+
+MODELS = {"mlp": MLP, "lenet5": LeNet5, "resnet20_frn": ResNet20FRN, "resnet18": ResNet18,
+          "transformer": TransformerStack}
 
 # Input shape (C, H, W) each model is built for by default.
-INPUT_SHAPES = {"mlp": (1, 28, 28), "lenet5": (1, 28, 28), "resnet20_frn": (3, 32, 32), "resnet18": (3, 32, 32)}
+INPUT_SHAPES = {"mlp": (1, 28, 28), "lenet5": (1, 28, 28), "resnet20_frn": (3, 32, 32), "resnet18": (3, 32, 32),
+                "transformer": (1, 28, 28)}
 
 
 def make_model(name: str, **kwargs) -> nn.Module:
@@ -147,4 +191,6 @@ def model_for(name: str, x) -> nn.Module:
     """The named model, sized for inputs like x (the MLP takes any flattened size)."""
     if name == "mlp":
         return make_model(name, in_features=x[0].numel())
+    if name == "transformer":
+        return make_model(name, in_channels=x.shape[1], size=x.shape[-1])
     return make_model(name, in_channels=x.shape[1])

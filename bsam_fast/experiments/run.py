@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from . import data
 from .baselines import SAM
-from .models import model_for
+from .models import MODELS, model_for
 from ..optimizer import BSAM
 from .table import LABELS, resolve_budget, run_table, write_table
 from .training import ABLATIONS, METHODS, Config, evaluate, extra_settings, predictive, train
@@ -232,7 +232,7 @@ def main(argv=None):
     data_args = argparse.ArgumentParser(add_help=False)
     data_args.add_argument("--dataset", default="mnist", choices=["digits", "mnist", "fashion_mnist", "cifar10", "cifar100"])
     data_args.add_argument("--data-root", default=None, help="folder of CIFAR's python-pickle files")
-    data_args.add_argument("--model", default="mlp", choices=["mlp", "lenet5", "resnet20_frn", "resnet18"])
+    data_args.add_argument("--model", default="mlp", choices=list(MODELS))
     data_args.add_argument("--epochs", type=int, default=None, help="default 5 (table --tuned: the tuner's)")
     data_args.add_argument("--batch", type=int, default=None, help="default 128 (table --tuned: the tuner's)")
     data_args.add_argument("--samples", type=int, default=None,
