@@ -73,6 +73,20 @@ def test_noise_is_the_defined_stream(device, seed, offset):
     assert mismatches == 0, f"{mismatches} of {a.size} draws differ"
 
 
+@pytest.mark.parametrize("start", [1, 2, 3, 5, 81])
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_shard_that_starts_mid_block_draws_the_defined_stream(device, start):
+    """FSDP2 shards start where their rows do (a base not a multiple of 4): the fused
+    backends draw them through _normals_from, which must give the defined stream's numbers
+    at those indices, bit for bit."""
+    from bsam_fast.backends.fused import _normals_from
+    bases, shapes = [8 + start, 8, 40 + start], [(2, 13), (5,), (0,)]
+    defined = normal_like([torch.empty(s) for s in shapes], bases, 0xBEEF, 3)
+    got = _normals_from(bases, [torch.empty(s, device=device) for s in shapes], 0xBEEF, 3)
+    for want, have in zip(defined, got):
+        assert have.device.type == device and torch.equal(have.cpu(), want)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("device", DEVICES)
 def test_phases_match_reference(device, dtype):
@@ -369,3 +383,51 @@ def test_tensor_over_2_pow_31_elements(device):
     start = (n - 8) // 4 * 4                    # the stream is drawn in blocks of 4
     z = normal_like([torch.empty(n - start)], [start], 9, 0)[0][n - 8 - start:]
     torch.testing.assert_close(tail.cpu(), (z * 0.5).to(torch.bfloat16).float())
+
+
+def fsdp2_world_of_one_equals_the_plain_model(device: str, backend: str, tmp_path) -> None:
+    """bSAM on a model sharded by FSDP2's fully_shard over a process group of one rank
+    (NCCL on a GPU; gloo on the CPU) takes the steps it takes on the plain model: the
+    sharded path (DTensor parameters and state, the group's noise seed) on this device."""
+    import copy
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=f"file://{tmp_path}/store",
+                            rank=0, world_size=1)
+    try:
+        plain = make_model(dtype=torch.float64).to(device)
+        sharded = copy.deepcopy(plain)
+        for layer in (sharded.conv, sharded.fc1, sharded.fc2):
+            fully_shard(layer)
+        fully_shard(sharded)
+        x, y = (t.to(device) for t in (torch.randn(12, 1, 5, 5, dtype=torch.float64), torch.randint(0, 3, (12,))))
+        for net in (plain, sharded):
+            opt = BSAM(net.parameters(), lr=0.05, num_data=200, rho=0.05, weight_decay=0.01, backend=backend,
+                       seed=7)
+            for _ in range(3):
+                opt.zero_grad()
+                opt.sample_noise()
+                F.cross_entropy(net(x), y).backward()
+                opt.perturb()
+                F.cross_entropy(net(x), y).backward()
+                opt.step()
+            net.trained = {n: p.detach() for n, p in net.named_parameters()}
+            net.trained.update({f"{i}.{k}": v for i, st in opt.state_dict()["state"].items() for k, v in st.items()
+                                if k in ("momentum", "precision")})
+        assert plain.trained.keys() == sharded.trained.keys()
+        for name, want in plain.trained.items():
+            have = sharded.trained[name]
+            have = have.full_tensor() if hasattr(have, "full_tensor") else have
+            assert have.device.type == device
+            torch.testing.assert_close(have, want, rtol=0, atol=1e-12, msg=name)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fsdp2_on_one_rank_equals_the_plain_model(device, tmp_path):
+    import torch.distributed as dist
+    if not dist.is_available() or (device == "cuda" and not dist.is_nccl_available()):
+        pytest.skip("torch.distributed (NCCL on a GPU) not built")
+    fsdp2_world_of_one_equals_the_plain_model(device, device, tmp_path)
