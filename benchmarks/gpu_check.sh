@@ -7,9 +7,10 @@
 #   summary.txt     versions, each step's exit code and seconds, the key numbers (read first)
 #   build.log       the extension build
 #   evidence.jsonl  benchmarks/gpu_evidence.py: one JSON line per section (noise, ops, graph)
-#   tests.log, tests.xml   pytest tests/test_cuda.py (and junit XML)
-#   bench.txt       the benchmark tables (optimizer step; end-to-end training steps)
-#   bench.json, bench_e2e.json   the benchmark records
+#   tests.log, tests.xml   pytest tests/test_cuda.py, test_capturable.py, test_amp.py (and junit XML)
+#   bench.txt       the benchmark tables (optimizer step; end-to-end training steps; the
+#                   torch.compile peer, last, as the time left allows)
+#   bench.json, bench_e2e.json   the benchmark records (bench.json: the compiled peer's too)
 #
 # Usage, from the repository root (the golden trajectories travel in ./gpu_golden, a
 # git-ignored copy of ../shared/golden named in the device call's `carry`):
@@ -108,19 +109,37 @@ for section in noise ops graph; do
     --device $DEVICE --draws $DRAWS
 done
 
-TEST_ARGS=(-q -p no:cacheprovider -rs --run-slow tests/test_cuda.py --junitxml="$OUT/tests.xml")
+TEST_ARGS=(-q -p no:cacheprovider -rs --run-slow tests/test_cuda.py tests/test_capturable.py tests/test_amp.py
+           --junitxml="$OUT/tests.xml")
 step tests 200 "$OUT/tests.log" $PY -m pytest "${TEST_ARGS[@]}"
 
 # ---------------------------------------------------------------- benchmarks
 if [ $DRY = 1 ]; then
   BENCH=(--device cpu --sizes 2e4 --layouts one tiny host --backends cpu --reps 20)
   E2E=(--device cpu --sizes 2e4 --layouts one --backends cpu --reps 20 --end-to-end --models mlp)
+  COMPILED=(--device cpu --sizes 2e4 --layouts one --backends compiled --reps 20)
 else
   BENCH=(--device cuda --sizes 1.6e7 6.4e7 --layouts one resnet20 transformer tiny host --backends cuda foreach)
-  E2E=(--device cuda --sizes 2.7e5 --layouts resnet20 tiny --end-to-end --models mlp lenet5 resnet20_frn)
+  E2E=(--device cuda --sizes 2.7e5 --layouts resnet20 tiny --backends cuda --end-to-end
+       --models mlp lenet5 resnet20_frn transformer)
+  COMPILED=(--device cuda --sizes 1.6e7 --layouts one resnet20 --backends compiled)
 fi
 step bench 150 "$OUT/bench.txt" $PY -m bsam_fast.bench "${BENCH[@]}" --no-progress --json "$OUT/bench.json"
 step bench-e2e 160 "$OUT/bench.txt" $PY -m bsam_fast.bench "${E2E[@]}" --no-progress --json "$OUT/bench_e2e.json"
+# The compiled peer last: its compile time is what the budget has left (cut short, it is
+# reported as timed out and nothing else is lost). Its records join bench.json (8 files).
+COMPILED_JSON=$(mktemp)
+step bench-compiled 150 "$OUT/bench.txt" $PY -m bsam_fast.bench "${COMPILED[@]}" --no-progress --json "$COMPILED_JSON"
+$PY - "$OUT/bench.json" "$COMPILED_JSON" <<'PY'
+import json, sys
+try:
+    compiled = [r for r in json.load(open(sys.argv[2])) if r.get("backend") == "compiled"]
+    records = json.load(open(sys.argv[1]))
+except (OSError, ValueError):
+    sys.exit(0)                  # a step that failed is in the summary already
+json.dump(records + compiled, open(sys.argv[1], "w"), indent=1)
+PY
+rm -f "$COMPILED_JSON"
 
 # ---------------------------------------------------------------- key numbers
 note "## key numbers"
@@ -134,7 +153,7 @@ for line in (ev.read_text().splitlines() if ev.exists() else []):
     except ValueError:
         continue
     brief = {k: r[k] for k in ("ok", "error", "max_abs_diff_by_dtype", "comparisons", "max_abs_diff_graph_vs_eager",
-                               "noise_offset", "sync_free", "amp_overflow", "seconds") if k in r}
+                               "noise_offset", "graph_speedup", "step_ms", "sync_free", "amp_overflow", "seconds") if k in r}
     if "pairs" in r:
         brief["mismatches"] = [(p["draws"], p["gpu_vs_cpu_kernel_mismatches"], p["gpu_vs_definition_mismatches"],
                                 p["max_ulp"]) for p in r["pairs"]]
@@ -147,12 +166,20 @@ bench = out / "bench.json"
 if bench.exists():
     try:
         for r in json.loads(bench.read_text()):
-            if r.get("backend") in ("cuda", "cpu"):
+            if r.get("backend") in ("cuda", "cpu", "compiled"):
                 print(f"bench {r['backend']} {r['layout']} {r['numel']:.3g}: {r['median_ms']:.3f} ms, "
                       f"{r['gbps']:.0f} GB/s, {r['pct_copy_bw']:.0f}% copy BW, "
                       f"x{r['ratio_vs_adamw_fused'] or float('nan'):.2f} AdamW(fused)")
     except (ValueError, KeyError, TypeError) as exc:
         print("bench.json unreadable:", exc)
+e2e = out / "bench_e2e.json"
+if e2e.exists():
+    try:
+        for r in json.loads(e2e.read_text())["end_to_end"]:
+            print(f"e2e {r['model']} {r['method']}: {r['median_ms']:.2f} ms, x{r['overhead_vs_adam']:.2f} Adam, "
+                  f"x{r['overhead_vs_sam_adam_same_m']:.2f} SAM-Adam (same m)")
+    except (ValueError, KeyError, TypeError) as exc:
+        print("bench_e2e.json unreadable:", exc)
 PY
 note "## done in $(elapsed)s: $([ $FAILED = 0 ] && echo 'every step passed' || echo 'SOME STEPS FAILED')"
 n=$(find "$OUT" -type f | wc -l)

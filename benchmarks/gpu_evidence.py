@@ -13,9 +13,10 @@ Sections:
          tensor lr/rho, skip_if and an inf in a tail: mismatching elements and the largest
          absolute difference per op and dtype (0 expected: the same operations in the same
          order, one rounding each).
-  graph  a whole capturable step captured in a CUDA graph, 20 replays against eager steps;
-         the noise counter advancing; no host synchronisation (``set_sync_debug_mode
-         ("error")``) in a capturable step or a GradScaler step; an AMP overflow step
+  graph  a whole capturable step captured in a CUDA graph, 20 replays against eager steps,
+         then both timed (ms per training step, graph_speedup); the noise counter
+         advancing; no host synchronisation (``set_sync_debug_mode("error")``) in a default
+         step, a capturable step, a GradScaler step and both; an AMP overflow step
          changing nothing.
 
 ``--device cpu`` (the dry run of gpu_check.sh) runs the same code with the CPU kernels on
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 
 from bsam_fast import BSAM, _ops
 from bsam_fast.noise import noise_bases, normal_like
+from bsam_fast.timing import median_ms
 
 SEED_OFFSETS = [(0xDEADBEEF, 12345), (2 ** 64 - 1, 2 ** 32 + 7), (0, 0)]
 
@@ -236,12 +238,16 @@ def section_graph(device: str) -> dict:
                      (opt_e.state[pe]["momentum"], opt_g.state[pg]["momentum"])):
             max_diff = max(max_diff, float((a - b).abs().max()))
     offsets = {"eager": opt_e.noise_offset, "graphed": opt_g.noise_offset}
+    # The whole training step, eager against one graph replay (median of 20 runs of 10 steps).
+    cuda = torch.device(device)
+    step_ms = {"eager": median_ms(lambda: [step(eager, opt_e) for _ in range(10)], cuda, 20) / 10,
+               "graph": median_ms(lambda: [graph.replay() for _ in range(10)], cuda, 20) / 10}
 
     # No host synchronisation inside the optimizer's part of a capturable step and of a
     # GradScaler step (the backward passes are outside the checked region).
     sync_free = {}
-    for name, capturable, use_scaler in (("capturable", True, False), ("grad_scaler", False, True),
-                                         ("capturable+grad_scaler", True, True)):
+    for name, capturable, use_scaler in (("default", False, False), ("capturable", True, False),
+                                         ("grad_scaler", False, True), ("capturable+grad_scaler", True, True)):
         torch.manual_seed(2)
         model = Net().to(device)
         opt = BSAM(model.parameters(), lr=torch.tensor(0.05, device=device), num_data=100, backend="cuda", seed=1,
@@ -294,7 +300,7 @@ def section_graph(device: str) -> dict:
     ok = (max_diff <= 1e-6 and offsets["eager"] == offsets["graphed"] == 23
           and all(v is True for v in sync_free.values()) and unchanged and opt.skipped_steps == 1)
     return {"ok": ok, "ran": True, "replays": 20, "max_abs_diff_graph_vs_eager": max_diff,
-            "noise_offset": offsets, "sync_free": sync_free, "amp_overflow": overflow}
+            "noise_offset": offsets, "step_ms": step_ms, "graph_speedup": step_ms["eager"] / step_ms["graph"], "sync_free": sync_free, "amp_overflow": overflow}
 
 
 def main(argv=None) -> int:

@@ -25,13 +25,16 @@ def test_dry_run_writes_at_most_8_files_with_every_step(tmp_path):
     summary = (out / "summary.txt").read_text()
     assert proc.returncode == 0, summary + proc.stdout[-3000:] + proc.stderr[-3000:]
     for step in ("build: NOT RUN", "kernels-loaded: exit 0", "evidence-noise: exit 0", "evidence-ops: exit 0",
-                 "evidence-graph: exit 0", "tests: exit 0", "bench: exit 0", "bench-e2e: exit 0"):
+                 "evidence-graph: exit 0", "tests: exit 0", "bench: exit 0", "bench-e2e: exit 0", "bench-compiled: exit 0"):
         assert f"step {step}" in summary, step
     records = [json.loads(line) for line in (out / "evidence.jsonl").read_text().splitlines()]
     assert [r["section"] for r in records] == ["noise", "ops", "graph"]
     assert records[0]["ok"] and records[1]["ok"] and records[2]["ran"] is False
     assert all(p["gpu_vs_cpu_kernel_mismatches"] == 0 for p in records[0]["pairs"])
     assert {"tests.xml", "tests.log", "bench.json", "bench_e2e.json"} <= set(files)
+    bench = json.loads((out / "bench.json").read_text())
+    assert {"cpu", "adamw_fused", "compiled"} <= {r["backend"] for r in bench}   # the peer's rows joined
+    assert "e2e mlp sam_adam_m8" in summary and "bench cpu one" in summary
 
 
 @pytest.mark.skipif(not _ops.has_kernel("cpu"), reason="the dry run uses the CPU kernels")
