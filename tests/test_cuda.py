@@ -402,6 +402,7 @@ def fsdp2_world_of_one_equals_the_plain_model(device: str, backend: str, tmp_pat
             fully_shard(layer)
         fully_shard(sharded)
         x, y = (t.to(device) for t in (torch.randn(12, 1, 5, 5, dtype=torch.float64), torch.randint(0, 3, (12,))))
+        trained = []
         for net in (plain, sharded):
             opt = BSAM(net.parameters(), lr=0.05, num_data=200, rho=0.05, weight_decay=0.01, backend=backend,
                        seed=7)
@@ -412,15 +413,16 @@ def fsdp2_world_of_one_equals_the_plain_model(device: str, backend: str, tmp_pat
                 opt.perturb()
                 F.cross_entropy(net(x), y).backward()
                 opt.step()
-            net.trained = {n: p.detach() for n, p in net.named_parameters()}
-            net.trained.update({f"{i}.{k}": v for i, st in opt.state_dict()["state"].items() for k, v in st.items()
-                                if k in ("momentum", "precision")})
-        assert plain.trained.keys() == sharded.trained.keys()
-        for name, want in plain.trained.items():
-            have = sharded.trained[name]
-            have = have.full_tensor() if hasattr(have, "full_tensor") else have
-            assert have.device.type == device
-            torch.testing.assert_close(have, want, rtol=0, atol=1e-12, msg=name)
+            state = {n: p.detach() for n, p in net.named_parameters()}
+            state.update({f"{i}.{k}": v for i, st in opt.state_dict()["state"].items() for k, v in st.items()
+                          if k in ("momentum", "precision")})
+            trained.append(state)
+        want, have = trained
+        assert want.keys() == have.keys()
+        for name in want:
+            got = have[name].full_tensor() if hasattr(have[name], "full_tensor") else have[name]
+            assert got.device.type == device
+            torch.testing.assert_close(got, want[name], rtol=0, atol=1e-12, msg=lambda m, name=name: f"{name}: {m}")
     finally:
         dist.destroy_process_group()
 
