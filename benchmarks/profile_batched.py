@@ -25,6 +25,7 @@ import torch.nn.functional as F
 import bsam_fast.func as func
 from bsam_fast.bench_e2e import training_step
 from bsam_fast.experiments.models import INPUT_SHAPES, make_model
+from bsam_fast.noise import noise_bases
 from bsam_fast.optimizer import BSAM
 from bsam_fast.timing import device_name, median_ms
 
@@ -48,6 +49,7 @@ def floor_ms(model_name: str, batch: int, m: int, reps: int) -> dict[str, float]
     grads_of = vmap(grad_and_value(
         lambda values, xs, ys: F.cross_entropy(functional_call(model, dict(zip(names, values)), (xs,)), ys)))
     buffers = [torch.empty_like(p) for p in params]
+    bases = noise_bases([p.numel() for p in params])
 
     def two_passes():
         for _ in range(2):
@@ -56,7 +58,7 @@ def floor_ms(model_name: str, batch: int, m: int, reps: int) -> dict[str, float]
 
     def m_draws():
         for k in range(m):
-            torch.ops.bsam_fast.normal_(buffers, [0] * len(buffers), 0, k)
+            torch.ops.bsam_fast.normal_(buffers, bases, 0, k)
     return {"batched passes": 2 * median_ms(lambda: grads_of(stacks, x_parts, y_parts), cpu, reps),
             "draws": median_ms(m_draws, cpu, reps),
             "m = 1 passes": median_ms(two_passes, cpu, reps)}
@@ -69,6 +71,8 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--out")
     args = ap.parse_args(argv)
+    if args.batch % 8:
+        ap.error(f"--batch {args.batch}: the batch must split into m = 8 equal parts")
     torch.set_num_threads(1)
     cpu = torch.device("cpu")
     seconds = collections.defaultdict(float)

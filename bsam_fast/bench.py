@@ -312,7 +312,7 @@ def main(argv=None):
     ap.add_argument("--plot", help="write a PNG of GB/s against parameters")
     ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     ap.add_argument("--end-to-end", action="store_true", help="also time training steps of real models")
-    ap.add_argument("--models", nargs="+", default=["mlp", "lenet5", "resnet20_frn", "transformer"])
+    ap.add_argument("--models", nargs="+", default=["mlp", "lenet5", "resnet20_frn", "transformer_stack"])
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     if args.reps < 20:

@@ -61,33 +61,21 @@ def _check(opt: BSAM, model: nn.Module, inputs: Tensor, m: int) -> list[tuple[st
     return [named[id(p)] for p in owned]
 
 
-def _reached_leaves(loss: Tensor) -> set[int]:
-    """id() of every leaf tensor the autograd graph of `loss` accumulates a gradient into:
-    exactly the inputs ``autograd.grad(..., allow_unused=True)`` would not answer None for."""
-    found, seen, todo = set(), set(), [loss.grad_fn]
-    while todo:
-        node = todo.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        leaf = getattr(node, "variable", None)        # an AccumulateGrad node's leaf
-        if leaf is not None:
-            found.add(id(leaf))
-        todo.extend(next_node for next_node, _ in node.next_functions)
-    return found
-
-
 def _check_every_parameter_used(model, names, params, loss_fn, x, y) -> None:
     """A parameter the loss does not reach has no gradient: step_parts leaves it out of the
     step, while vmap would hand it zeros (and the step would move it). Refused, checked on
-    one example's loss by walking its autograd graph (a forward pass, no backward)."""
+    one example's loss by autograd itself (a walk of the graph would miss an autograd.Function
+    whose backward returns None for an input)."""
     from torch.func import functional_call
     with torch.enable_grad():
         values = [p.detach().requires_grad_() for p in params]
         loss = loss_fn(functional_call(model, {**dict(model.named_buffers()), **dict(zip(names, values))},
                                        (x[:1],)), y[:1])
-        reached = _reached_leaves(loss) if isinstance(loss, Tensor) else set()
-    unused = [n for n, v in zip(names, values) if id(v) not in reached]
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            raise TypeError(f"step_batched: loss_fn must return a one-element tensor, got "
+                            f"{type(loss).__name__}{tuple(loss.shape) if isinstance(loss, Tensor) else ''}")
+        grads = torch.autograd.grad(loss, values, allow_unused=True) if loss.requires_grad else [None] * len(values)
+    unused = [n for n, g in zip(names, grads) if g is None]
     if unused:
         raise ValueError(f"step_batched: the loss does not reach {unused} (no gradient; step_parts leaves such "
                          "parameters out of the step): freeze them (requires_grad_(False)) or use step_parts")

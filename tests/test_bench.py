@@ -62,7 +62,7 @@ def test_cli_writes_json_table_and_plot(tmp_path, capsys):
 def test_every_end_to_end_method_trains_the_transformer(method):
     from bsam_fast.bench_e2e import training_step
     torch.manual_seed(0)
-    step = training_step("transformer", method, "foreach", torch.device("cpu"), batch=16)
+    step = training_step("transformer_stack", method, "foreach", torch.device("cpu"), batch=16)
     before = {n: p.detach().clone() for n, p in step.model.named_parameters()}
     step()
     assert all(not torch.equal(before[n], p) for n, p in step.model.named_parameters())

@@ -390,17 +390,21 @@ def fsdp2_world_of_one_equals_the_plain_model(device: str, backend: str, tmp_pat
     (NCCL on a GPU; gloo on the CPU) takes the steps it takes on the plain model: the
     sharded path (DTensor parameters and state, the group's noise seed) on this device."""
     import copy
+    import datetime
 
     import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=f"file://{tmp_path}/store",
-                            rank=0, world_size=1)
+                            rank=0, world_size=1, timeout=datetime.timedelta(seconds=60))
     try:
+        # The mesh on this device: fully_shard's default mesh is on the accelerator, if any.
+        mesh = init_device_mesh(device, (1,))
         plain = make_model(dtype=torch.float64).to(device)
         sharded = copy.deepcopy(plain)
         for layer in (sharded.conv, sharded.fc1, sharded.fc2):
-            fully_shard(layer)
-        fully_shard(sharded)
+            fully_shard(layer, mesh=mesh)
+        fully_shard(sharded, mesh=mesh)
         x, y = (t.to(device) for t in (torch.randn(12, 1, 5, 5, dtype=torch.float64), torch.randint(0, 3, (12,))))
         trained = []
         for net in (plain, sharded):

@@ -25,7 +25,7 @@ def test_dry_run_writes_at_most_8_files_with_every_step(tmp_path):
     summary = (out / "summary.txt").read_text()
     assert proc.returncode == 0, summary + proc.stdout[-3000:] + proc.stderr[-3000:]
     for step in ("build: NOT RUN", "kernels-loaded: exit 0", "evidence-noise: exit 0", "evidence-ops: exit 0",
-                 "evidence-graph: exit 0", "tests: exit 0", "bench: exit 0", "bench-e2e: exit 0", "bench-compiled: exit 0"):
+                 "evidence-graph: exit 0", "tests: exit 0", "bench: exit 0", "bench-e2e: exit 0", "bench-compiled-one: exit 0"):
         assert f"step {step}" in summary, step
     records = [json.loads(line) for line in (out / "evidence.jsonl").read_text().splitlines()]
     assert [r["section"] for r in records] == ["noise", "ops", "graph"]

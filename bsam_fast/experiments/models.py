@@ -155,14 +155,14 @@ class TransformerBlock(nn.Module):
 
 class TransformerStack(nn.Module):
     """Transformer blocks over an image's rows as tokens: each row (channels x width values)
-    embedded to `d`, plus a learned position; the blocks; the tokens' mean; a linear
-    classifier. No dropout and no batch statistics, so vmap and step_batched take it."""
+    embedded to `d`, plus a learned position per row; the blocks; the tokens' mean; a
+    linear classifier. No dropout and no batch statistics, so vmap and step_batched take it."""
 
-    def __init__(self, in_channels: int = 1, size: int = 28, d: int = 128, heads: int = 4, blocks: int = 4,
-                 classes: int = 10):
+    def __init__(self, in_channels: int = 1, height: int = 28, width: int = 28, d: int = 128, heads: int = 4,
+                 blocks: int = 4, classes: int = 10):
         super().__init__()
-        self.embed = nn.Linear(in_channels * size, d)
-        self.position = nn.Parameter(torch.zeros(size, d))
+        self.embed = nn.Linear(in_channels * width, d)
+        self.position = nn.Parameter(torch.zeros(height, d))
         self.blocks = nn.Sequential(*(TransformerBlock(d, heads) for _ in range(blocks)))
         self.norm = nn.LayerNorm(d)
         self.fc = nn.Linear(d, classes)
@@ -174,11 +174,11 @@ class TransformerStack(nn.Module):
 
 
 MODELS = {"mlp": MLP, "lenet5": LeNet5, "resnet20_frn": ResNet20FRN, "resnet18": ResNet18,
-          "transformer": TransformerStack}
+          "transformer_stack": TransformerStack}
 
 # Input shape (C, H, W) each model is built for by default.
 INPUT_SHAPES = {"mlp": (1, 28, 28), "lenet5": (1, 28, 28), "resnet20_frn": (3, 32, 32), "resnet18": (3, 32, 32),
-                "transformer": (1, 28, 28)}
+                "transformer_stack": (1, 28, 28)}
 
 
 def make_model(name: str, **kwargs) -> nn.Module:
@@ -191,6 +191,6 @@ def model_for(name: str, x) -> nn.Module:
     """The named model, sized for inputs like x (the MLP takes any flattened size)."""
     if name == "mlp":
         return make_model(name, in_features=x[0].numel())
-    if name == "transformer":
-        return make_model(name, in_channels=x.shape[1], size=x.shape[-1])
+    if name == "transformer_stack":
+        return make_model(name, in_channels=x.shape[1], height=x.shape[-2], width=x.shape[-1])
     return make_model(name, in_channels=x.shape[1])
