@@ -31,13 +31,14 @@ def rank_rows(rank, world):
     return slice(rank * size, (rank + 1) * size)
 
 
-def sharded_model():
+def sharded_model(mesh=None):
     """MixedNet (rows of 9, 27 and 7 elements: shards start mid-Philox-block on 3 ranks,
-    and the 1-element `scale` leaves empty shards) with every layer fully_shard-ed."""
+    and the 1-element `scale` leaves empty shards) with every layer fully_shard-ed (on
+    `mesh`; default: fully_shard's, on the accelerator if there is one)."""
     net = make_model(dtype=DTYPE)
     for layer in (net.conv, net.fc1, net.fc2):
-        fully_shard(layer)
-    fully_shard(net)
+        fully_shard(layer, mesh=mesh)
+    fully_shard(net, mesh=mesh)
     return net
 
 

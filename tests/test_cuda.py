@@ -388,43 +388,28 @@ def test_tensor_over_2_pow_31_elements(device):
 def fsdp2_world_of_one_equals_the_plain_model(device: str, backend: str, tmp_path) -> None:
     """bSAM on a model sharded by FSDP2's fully_shard over a process group of one rank
     (NCCL on a GPU; gloo on the CPU) takes the steps it takes on the plain model: the
-    sharded path (DTensor parameters and state, the group's noise seed) on this device."""
-    import copy
+    sharded path (DTensor parameters and state, the group's noise seed) on this device.
+    The model, data and steps are test_fsdp's."""
     import datetime
 
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+
+    import fsdp_workers as W
+    from test_fsdp import state_of
     dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=f"file://{tmp_path}/store",
                             rank=0, world_size=1, timeout=datetime.timedelta(seconds=60))
     try:
         # The mesh on this device: fully_shard's default mesh is on the accelerator, if any.
-        mesh = init_device_mesh(device, (1,))
-        plain = make_model(dtype=torch.float64).to(device)
-        sharded = copy.deepcopy(plain)
-        for layer in (sharded.conv, sharded.fc1, sharded.fc2):
-            fully_shard(layer, mesh=mesh)
-        fully_shard(sharded, mesh=mesh)
-        x, y = (t.to(device) for t in (torch.randn(12, 1, 5, 5, dtype=torch.float64), torch.randint(0, 3, (12,))))
-        trained = []
-        for net in (plain, sharded):
-            opt = BSAM(net.parameters(), lr=0.05, num_data=200, rho=0.05, weight_decay=0.01, backend=backend,
-                       seed=7)
-            for _ in range(3):
-                opt.zero_grad()
-                opt.sample_noise()
-                F.cross_entropy(net(x), y).backward()
-                opt.perturb()
-                F.cross_entropy(net(x), y).backward()
-                opt.step()
-            state = {n: p.detach() for n, p in net.named_parameters()}
-            state.update({f"{i}.{k}": v for i, st in opt.state_dict()["state"].items() for k, v in st.items()
-                          if k in ("momentum", "precision")})
-            trained.append(state)
-        want, have = trained
+        nets = [make_model(dtype=W.DTYPE).to(device), W.sharded_model(init_device_mesh(device, (1,)))]
+        opts = [BSAM(net.parameters(), **W.HYPER, backend=backend, seed=7) for net in nets]
+        for net, opt in zip(nets, opts):
+            for t in range(3):
+                x, y = (v.to(device) for v in W.global_batch(t))
+                W.one_step(net, opt, [(x, y)], lambda: None)
+        want, have = state_of(nets[0], opts[0]), W.full_state(nets[1], opts[1])
         assert want.keys() == have.keys()
-        for name in want:
-            got = have[name].full_tensor() if hasattr(have[name], "full_tensor") else have[name]
+        for name, got in have.items():
             assert got.device.type == device
             torch.testing.assert_close(got, want[name], rtol=0, atol=1e-12, msg=lambda m, name=name: f"{name}: {m}")
     finally:
