@@ -10,8 +10,8 @@ stages that do not shrink with batching (the optimizer's m noise draws and m
 perturbations) against the budget of 1.6x the m = 1 step.
 
 Last, the floor under any batched step on this machine, whatever the optimizer does: the
-two vmap'd forward/backward passes alone (torch.func's, over m weight copies, as
-step_batched calls them) plus the m noise draws alone (the noise kernel into preallocated
+two vmap'd forward/backward passes alone (step_batched's own, func._parts_gradients, over
+m weight copies) plus the m noise draws alone (the noise kernel into preallocated
 buffers: each part has its own draw of every parameter, at the stream positions
 step_parts uses), against the m = 1 step.
 """
@@ -35,19 +35,16 @@ STAGES = {"_check": "argument checks", "_check_every_parameter_used": "parameter
 
 def floor_ms(model_name: str, batch: int, m: int, reps: int) -> dict[str, float]:
     """Medians in ms of what any batched step does besides the optimizer's own work: the two
-    vmap'd forward/backward passes over m weight copies (torch.func's, as step_batched
-    calls them), and the m noise draws of every parameter alone (the noise kernel into
+    vmap'd forward/backward passes over m weight copies (step_batched's own
+    _parts_gradients), and the m noise draws of every parameter alone (the noise kernel into
     preallocated buffers); and the m = 1 step's two passes, for comparison."""
-    from torch.func import functional_call, grad_and_value, vmap
     cpu = torch.device("cpu")
     torch.manual_seed(0)
     model = make_model(model_name)
     names, params = zip(*model.named_parameters())
     x, y = torch.randn(batch, *INPUT_SHAPES[model_name]), torch.randint(0, 10, (batch,))
-    x_parts, y_parts = x.reshape(m, batch // m, *x.shape[1:]), y.reshape(m, batch // m)
     stacks = [p.detach().expand(m, *p.shape).contiguous() for p in params]
-    grads_of = vmap(grad_and_value(
-        lambda values, xs, ys: F.cross_entropy(functional_call(model, dict(zip(names, values)), (xs,)), ys)))
+    grads_of = func._parts_gradients(model, names, F.cross_entropy, x, y, m)
     buffers = [torch.empty_like(p) for p in params]
     bases = noise_bases([p.numel() for p in params])
 
@@ -59,7 +56,7 @@ def floor_ms(model_name: str, batch: int, m: int, reps: int) -> dict[str, float]
     def m_draws():
         for k in range(m):
             torch.ops.bsam_fast.normal_(buffers, bases, 0, k)
-    return {"batched passes": 2 * median_ms(lambda: grads_of(stacks, x_parts, y_parts), cpu, reps),
+    return {"batched passes": 2 * median_ms(lambda: grads_of(stacks), cpu, reps),
             "draws": median_ms(m_draws, cpu, reps),
             "m = 1 passes": median_ms(two_passes, cpu, reps)}
 

@@ -140,6 +140,23 @@ def _perturb_parts(opt: BSAM, m: int, noisy_grads: dict[int, Tensor], stacks: di
     st.parts, st.phase = m, PERTURBED
 
 
+def _parts_gradients(model: nn.Module, names: Sequence[str], loss_fn: Callable[[Tensor, Tensor], Tensor],
+                     inputs: Tensor, targets: Tensor, m: int) -> Callable[[list[Tensor]], tuple[tuple, Tensor]]:
+    """The m parts' gradients and losses in one vmap'd pass: a function of m stacked copies
+    of the named parameters (one (m, *shape) tensor per name, in `names`' order), part k's
+    loss ``loss_fn(model(part k of inputs), part k of targets)`` at copy k; the inputs and
+    targets split into m equal parts along dim 0."""
+    from torch.func import functional_call, grad_and_value, vmap
+    buffers = dict(model.named_buffers())
+    x_parts = inputs.reshape(m, len(inputs) // m, *inputs.shape[1:])
+    y_parts = targets.reshape(m, len(targets) // m, *targets.shape[1:])
+
+    def part_loss(values, x, y):
+        return loss_fn(functional_call(model, {**buffers, **dict(zip(names, values))}, (x,)), y)
+    grads_of = vmap(grad_and_value(part_loss))
+    return lambda stacks: grads_of(stacks, x_parts, y_parts)
+
+
 def step_batched(opt: BSAM, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], inputs: Tensor,
                  targets: Tensor, m: int, noise: Optional[Sequence[Sequence[Tensor]]] = None) -> Tensor:
     """One bSAM step of m parts (``inputs``/``targets`` split into m equal parts along dim 0;
@@ -147,7 +164,6 @@ def step_batched(opt: BSAM, model: nn.Module, loss_fn: Callable[[Tensor, Tensor]
     batched with ``vmap``. ``noise``: one list of standard-normal draws per part, as
     ``step_parts`` takes it; default: the optimizer's stream. Returns the mean of the
     losses at the perturbed points; the parameters hold the new mean afterwards."""
-    from torch.func import functional_call, grad_and_value, vmap
     named = _check(opt, model, inputs, m)
     names, params = [n for n, _ in named], [p for _, p in named]
     if noise is not None:
@@ -156,17 +172,11 @@ def step_batched(opt: BSAM, model: nn.Module, loss_fn: Callable[[Tensor, Tensor]
         every = opt._params()
         noise = [dict(zip(map(id, every), check_noise(part, every))) for part in noise]
     _check_every_parameter_used(model, names, params, loss_fn, inputs, targets)
-    buffers = dict(model.named_buffers())
-    x_parts = inputs.reshape(m, len(inputs) // m, *inputs.shape[1:])
-    y_parts = targets.reshape(m, len(targets) // m, *targets.shape[1:])
-
-    def part_loss(values, x, y):
-        return loss_fn(functional_call(model, {**buffers, **dict(zip(names, values))}, (x,)), y)
-    grads_of = vmap(grad_and_value(part_loss))
+    grads_of = _parts_gradients(model, names, loss_fn, inputs, targets, m)
 
     def gradients_at(stacks: dict[int, Tensor]) -> tuple[list[Tensor], Tensor]:
         try:
-            grads, losses = grads_of([stacks[id(p)] for p in params], x_parts, y_parts)
+            grads, losses = grads_of([stacks[id(p)] for p in params])
         except RuntimeError as exc:
             raise RuntimeError(f"step_batched: vmap could not batch this model's parts ({exc}); use "
                                "step_parts for it") from exc
