@@ -385,14 +385,17 @@ def test_tensor_over_2_pow_31_elements(device):
     torch.testing.assert_close(tail.cpu(), (z * 0.5).to(torch.bfloat16).float())
 
 
-def fsdp2_world_of_one_equals_the_plain_model(device: str, backend: str, tmp_path) -> None:
-    """bSAM on a model sharded by FSDP2's fully_shard over a process group of one rank
-    (NCCL on a GPU; gloo on the CPU) takes the steps it takes on the plain model: the
-    sharded path (DTensor parameters and state, the group's noise seed) on this device.
-    The model, data and steps are test_fsdp's."""
+@pytest.mark.parametrize("device", DEVICES)
+def test_fsdp2_on_one_rank_equals_the_plain_model(device, tmp_path):
+    """bSAM (the device's kernels) on a model sharded by FSDP2's fully_shard over a process
+    group of one rank (NCCL on a GPU; gloo on the CPU) takes the steps it takes on the plain
+    model: the sharded path (DTensor parameters and state, the group's noise seed) on this
+    device. The model, data and steps are test_fsdp's."""
     import datetime
 
     import torch.distributed as dist
+    if not dist.is_available() or (device == "cuda" and not dist.is_nccl_available()):
+        pytest.skip("torch.distributed (NCCL on a GPU) not built")
     from torch.distributed.device_mesh import init_device_mesh
 
     import fsdp_workers as W
@@ -402,7 +405,7 @@ def fsdp2_world_of_one_equals_the_plain_model(device: str, backend: str, tmp_pat
     try:
         # The mesh on this device: fully_shard's default mesh is on the accelerator, if any.
         nets = [make_model(dtype=W.DTYPE).to(device), W.sharded_model(init_device_mesh(device, (1,)))]
-        opts = [BSAM(net.parameters(), **W.HYPER, backend=backend, seed=7) for net in nets]
+        opts = [BSAM(net.parameters(), **W.HYPER, backend=device, seed=7) for net in nets]
         for net, opt in zip(nets, opts):
             for t in range(3):
                 x, y = (v.to(device) for v in W.global_batch(t))
@@ -414,11 +417,3 @@ def fsdp2_world_of_one_equals_the_plain_model(device: str, backend: str, tmp_pat
             torch.testing.assert_close(got, want[name], rtol=0, atol=1e-12, msg=lambda m, name=name: f"{name}: {m}")
     finally:
         dist.destroy_process_group()
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_fsdp2_on_one_rank_equals_the_plain_model(device, tmp_path):
-    import torch.distributed as dist
-    if not dist.is_available() or (device == "cuda" and not dist.is_nccl_available()):
-        pytest.skip("torch.distributed (NCCL on a GPU) not built")
-    fsdp2_world_of_one_equals_the_plain_model(device, device, tmp_path)
