@@ -61,16 +61,23 @@ def _check(opt: BSAM, model: nn.Module, inputs: Tensor, m: int) -> list[tuple[st
     return [named[id(p)] for p in owned]
 
 
+def _loss_at(model: nn.Module, names: Sequence[str],
+             loss_fn: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Sequence[Tensor], Tensor, Tensor], Tensor]:
+    """``loss_fn(model(x), y)`` as a function of the named parameters' values (in `names`'
+    order; the model's buffers as they are), for autograd and torch.func alike."""
+    from torch.func import functional_call
+    buffers = dict(model.named_buffers())
+    return lambda values, x, y: loss_fn(functional_call(model, {**buffers, **dict(zip(names, values))}, (x,)), y)
+
+
 def _check_every_parameter_used(model, names, params, loss_fn, x, y) -> None:
     """A parameter the loss does not reach has no gradient: step_parts leaves it out of the
     step, while vmap would hand it zeros (and the step would move it). Refused, checked on
     one example's loss by autograd itself (a walk of the graph would miss an autograd.Function
     whose backward returns None for an input)."""
-    from torch.func import functional_call
     with torch.enable_grad():
         values = [p.detach().requires_grad_() for p in params]
-        loss = loss_fn(functional_call(model, {**dict(model.named_buffers()), **dict(zip(names, values))},
-                                       (x[:1],)), y[:1])
+        loss = _loss_at(model, names, loss_fn)(values, x[:1], y[:1])
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             raise TypeError(f"step_batched: loss_fn must return a one-element tensor, got "
                             f"{type(loss).__name__}{tuple(loss.shape) if isinstance(loss, Tensor) else ''}")
@@ -146,14 +153,10 @@ def _parts_gradients(model: nn.Module, names: Sequence[str], loss_fn: Callable[[
     of the named parameters (one (m, *shape) tensor per name, in `names`' order), part k's
     loss ``loss_fn(model(part k of inputs), part k of targets)`` at copy k; the inputs and
     targets split into m equal parts along dim 0."""
-    from torch.func import functional_call, grad_and_value, vmap
-    buffers = dict(model.named_buffers())
+    from torch.func import grad_and_value, vmap
     x_parts = inputs.reshape(m, len(inputs) // m, *inputs.shape[1:])
     y_parts = targets.reshape(m, len(targets) // m, *targets.shape[1:])
-
-    def part_loss(values, x, y):
-        return loss_fn(functional_call(model, {**buffers, **dict(zip(names, values))}, (x,)), y)
-    grads_of = vmap(grad_and_value(part_loss))
+    grads_of = vmap(grad_and_value(_loss_at(model, names, loss_fn)))
     return lambda stacks: grads_of(stacks, x_parts, y_parts)
 
 
